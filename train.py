@@ -604,18 +604,15 @@ def rss_kib(field):
 
 
 def benchmark(args):
-    """Median time of a train step (forward, backward, AdamW) on random images, and its peak
-    memory. GPU: torch.cuda.max_memory_allocated during the timed steps. CPU: the peak
-    resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs after warm-up) minus
-    the resident set before the model was built, with glibc told to hand every block of
-    64 KiB or more back to the OS on free so that freed tensors leave the resident set.
-    Both count weights, gradients, optimiser state and activations."""
+    """Median time of a train step (forward, backward, AdamW) on random images, then its peak
+    memory over a few more steps. GPU: torch.cuda.max_memory_allocated. CPU: the peak resident
+    set (VmHWM, reset by writing 5 to /proc/self/clear_refs) minus the resident set before the
+    model was built, with glibc told, for those steps, to hand every freed block of 64 KiB or
+    more back to the OS so that freed tensors leave the resident set. Both count weights,
+    gradients, optimiser state and activations."""
     device, cuda = torch.device(args.device), args.device.startswith('cuda')
-    libc = None if cuda or not Path('/proc/self/clear_refs').exists() else ctypes.CDLL('libc.so.6')
-    if libc:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed (not adaptive) from here on
-        libc.malloc_trim(0)
-        before = rss_kib('VmRSS')
+    proc = not cuda and Path('/proc/self/clear_refs').exists()
+    before = rss_kib('VmRSS') if proc else 0
     torch.manual_seed(args.seed)
     classes = DATASETS[args.dataset].classes or 1000
     model = build_model(model_config(args, classes)).to(device)
@@ -635,18 +632,22 @@ def benchmark(args):
 
     for _ in range(3):
         step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    elif libc:
-        libc.malloc_trim(0)
-        Path('/proc/self/clear_refs').write_text('5')
     times = []
     for _ in range(args.bench_steps):
         tic = time.perf_counter()
         step()
         times.append(time.perf_counter() - tic)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    elif proc:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed (no longer adaptive)
+        libc.malloc_trim(0)
+        Path('/proc/self/clear_refs').write_text('5')
+    for _ in range(2):
+        step()
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else
-            (rss_kib('VmHWM') - before) / 1024 if libc else None)
+            (rss_kib('VmHWM') - before) / 1024 if proc else None)
     name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(json.dumps(dict(model=args.model, attn=args.attn, naive=args.naive, device=name, batch=args.batch_size,
                           img_size=args.img_size, patch_size=model.config.get('patch_size'), amp=args.amp,

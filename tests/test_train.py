@@ -42,11 +42,11 @@ def fails(argv, capsys):
 # Learning -------------------------------------------------------------------------------------
 
 def test_a_short_run_learns_digits_far_above_chance(tmp_path):
-    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '5', '--warmup-epochs', '1',
-                       '--output-dir', str(tmp_path)])
+    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '4', '--batch-size', '64', '--lr', '1e-3',
+                       '--warmup-epochs', '1', '--output-dir', str(tmp_path)])
     rows = log(tmp_path)
-    assert [r['epoch'] for r in rows] == [1, 2, 3, 4, 5]
-    assert rows[-1]['test_acc1'] >= 75  # chance is 10%
+    assert [r['epoch'] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]['test_acc1'] >= 60  # chance is 10%; 75% here
     assert rows[-1]['train_loss'] < rows[0]['train_loss']
 
 
@@ -164,9 +164,10 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, u
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_eval_only_reproduces_the_logged_metrics(uninterrupted, capsys):
-    train.main(RESUMABLE + ['--eval-only', '--resume', str(uninterrupted / 'last.pt')])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_eval_only_reproduces_the_logged_metrics(uninterrupted):
+    done = python('train.py', *RESUMABLE, '--eval-only', '--resume', str(uninterrupted / 'last.pt'))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     last = log(uninterrupted)[-1]
     for key in ('test_acc1', 'test_acc5', 'ema_test_acc1'):
         assert result[key] == last[key]
@@ -218,6 +219,14 @@ def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_ch
     source = torch.load(softmax_checkpoint, weights_only=True)['model']['pos_embed']
     assert model.pos_embed.shape == (1, 65, 192)
     assert torch.equal(model.pos_embed[:, 0], source[:, 0])  # the CLS token's embedding is kept
+
+
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    args = train.parse_args(['--lr', '1e-3', '--warmup-lr', '1e-6', '--min-lr', '1e-5', '--warmup-epochs', '2', '--epochs', '10'])
+    lr = lambda step: train.learning_rate(step, args, steps_per_epoch=5)
+    assert lr(0) == 1e-6 and lr(5) == pytest.approx((1e-6 + 1e-3) / 2) and lr(10) == pytest.approx(1e-3)
+    assert lr(30) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway through the cosine
+    assert lr(50) == pytest.approx(1e-5)
 
 
 # Distributed ----------------------------------------------------------------------------------
