@@ -1,6 +1,6 @@
 """Train, fine-tune, evaluate and benchmark the models of models.py, on one process or many.
 
-    python train.py                                        # KArAt ViT-Tiny on digits, offline, a few CPU minutes
+    python train.py                                        # KArAt ViT-Tiny on digits: offline, minutes on a CPU
     python train.py --dataset cifar10 --download           # the paper's recipe: 224 px, patch 16, 100 epochs
     torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet --data-path /data/imagenet
     python train.py --dataset svhn --finetune runs/vit_tiny_fourier_imagenet/best.pt
