@@ -1,0 +1,291 @@
+"""train.py: learning happens, resume is exact after a kill, checkpoints are atomic and safe,
+DDP reduces exactly, and bad input is one line on stderr. Tiny models (ViT-Tiny cut to one
+or two blocks at 8x8 pixels, patch 2: N = 17) keep every run to seconds on a 2-core CPU."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ['--model', 'vit_tiny', '--img-size', '8', '--patch-size', '2', '--device', 'cpu']
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+
+
+def python(*args, **kw):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+
+
+def log(out):
+    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
+
+
+def fails(argv, capsys):
+    """Run train.main in-process; return its one stderr line, after checking it exited non-zero."""
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code not in (0, None)
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    return err
+
+
+# Learning -------------------------------------------------------------------------------------
+
+def test_a_short_run_learns_digits_far_above_chance(tmp_path):
+    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '5', '--warmup-epochs', '1',
+                       '--output-dir', str(tmp_path)])
+    rows = log(tmp_path)
+    assert [r['epoch'] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[-1]['test_acc1'] >= 75  # chance is 10%
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+
+
+def colour_coded(n, size=8):
+    """Images whose class is their colour (0 red, 1 green, 2 blue): learnable in a few steps,
+    so a perfect score proves that images and labels arrive paired."""
+    labels = np.arange(n) % 3
+    images = np.zeros((n, size, size, 3), np.uint8)
+    images[np.arange(n), :, :, labels] = 200
+    return images + np.random.default_rng(0).integers(0, 40, images.shape, dtype=np.uint8), labels
+
+
+FAST_RECIPE = ['--epochs', '4', '--warmup-epochs', '0', '--lr', '2e-3', '--batch-size', '16', '--augment', 'light',
+               '--mixup', '0', '--cutmix', '0', '--ema', '0', '--workers', '0', '--depth', '1', '--attn', 'fourier']
+
+
+def test_cifar10_from_its_own_pickle_format(tmp_path, monkeypatch):
+    folder = tmp_path / 'cifar-10-batches-py'
+    folder.mkdir()
+    for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
+        images, labels = colour_coded(24, size=32)  # CIFAR's own size; the run resizes to 8
+        batch = {'data': images.transpose(0, 3, 1, 2).reshape(24, -1), 'labels': labels.tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / 'batches.meta').write_bytes(pickle.dumps({'label_names': [f'c{i}' for i in range(10)]}, protocol=2))
+    # our files are real CIFAR pickles but not the published ones, whose md5 torchvision checks
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda path, md5=None: Path(path).is_file())
+    train.main(TINY + FAST_RECIPE + ['--dataset', 'cifar10', '--data-path', str(tmp_path), '--output-dir', str(tmp_path / 'run')])
+    assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
+
+
+def png_tree(root, n=18):
+    for split in ('train', 'val'):
+        images, labels = colour_coded(n)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            (root / split / f'class{label}').mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / split / f'class{label}' / f'{i}.png')
+    return root
+
+
+def test_image_folder_tree_of_pngs(tmp_path):
+    tree = png_tree(tmp_path / 'tree')
+    train.main(TINY + FAST_RECIPE + ['--dataset', 'folder', '--data-path', str(tree), '--output-dir', str(tmp_path / 'run')])
+    assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
+    assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['config']['num_classes'] == 3
+
+
+# Checkpoints: exact resume, atomic writes, safe loading -------------------------------------------
+
+# Augmentation, Mixup/CutMix, drop-path, EMA and a loader worker all draw random numbers,
+# so an exact resume has to restore or replay every one of them.
+RESUMABLE = TINY + ['--attn', 'fourier', '--depth', '2', '--limit', '192', '--epochs', '3', '--batch-size', '32',
+                    '--augment', 'paper', '--mixup', '0.8', '--cutmix', '1.0', '--ema', '0.9',
+                    '--drop-path', '0.1', '--workers', '1']
+
+DIE_AFTER_SAVE = """
+import os, signal, sys, train
+save = train.save_atomic
+def save_then_die(state, path):
+    save(state, path)
+    if path.name == 'last.pt' and state['epoch'] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_atomic = save_then_die
+train.main(sys.argv[1:])
+"""
+
+DIE_DURING_SAVE = """
+import io, os, signal, sys, torch, train
+save = torch.save
+def torn_save(state, f):
+    if isinstance(state, dict) and state.get('epoch') == 2:
+        buffer = io.BytesIO()
+        save(state, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(state, f)
+torch.save = torn_save
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp('uninterrupted')
+    done = python('train.py', *RESUMABLE, '--output-dir', str(out))
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def assert_same_run(out, reference):
+    strip = lambda rows: [{k: v for k, v in r.items() if k != 'epoch_time'} for r in rows]
+    assert strip(log(out)) == strip(log(reference))
+    mine, theirs = (torch.load(Path(d) / 'last.pt', weights_only=True) for d in (out, reference))
+    for part in ('model', 'ema'):
+        assert all(torch.equal(mine[part][k], theirs[part][k]) for k in theirs[part]), part
+
+
+def test_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path, uninterrupted):
+    killed = python('-c', DIE_AFTER_SAVE, *RESUMABLE, '--output-dir', str(tmp_path))
+    assert killed.returncode == -9
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+    assert log(tmp_path) == []  # killed before the log line: resume rewrites it from the checkpoint
+    resumed = python('train.py', *RESUMABLE, '--resume', str(tmp_path / 'last.pt'))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, uninterrupted):
+    killed = python('-c', DIE_DURING_SAVE, *RESUMABLE, '--output-dir', str(tmp_path))
+    assert killed.returncode == -9
+    assert (tmp_path / 'last.pt.tmp').exists()  # the torn write
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+    resumed = python('train.py', *RESUMABLE, '--resume', str(tmp_path / 'last.pt'))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_eval_only_reproduces_the_logged_metrics(uninterrupted, capsys):
+    train.main(RESUMABLE + ['--eval-only', '--resume', str(uninterrupted / 'last.pt')])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    last = log(uninterrupted)[-1]
+    for key in ('test_acc1', 'test_acc5', 'ema_test_acc1'):
+        assert result[key] == last[key]
+    assert result['test_loss'] == pytest.approx(last['test_loss'], rel=1e-6)
+
+
+class Payload:
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_loading_never_runs_code_carried_by_a_checkpoint(tmp_path, capsys):
+    Payload.marker = tmp_path / 'pwned'
+    torch.save({'model': Payload(), 'config': {}}, tmp_path / 'evil.pt')
+    err = fails(TINY + ['--eval-only', '--resume', str(tmp_path / 'evil.pt')], capsys)
+    assert 'cannot load checkpoint' in err
+    assert not Payload.marker.exists()
+
+
+@pytest.fixture(scope='module')
+def softmax_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp('softmax')
+    train.main(TINY + ['--attn', 'softmax', '--depth', '1', '--limit', '64', '--epochs', '1', '--output-dir', str(out)])
+    return out / 'last.pt'
+
+
+def test_finetune_keeps_the_body_and_builds_a_new_head(tmp_path, softmax_checkpoint):
+    tree = png_tree(tmp_path / 'tree')
+    args = train.parse_args(TINY + ['--attn', 'softmax', '--depth', '1', '--dataset', 'folder', '--data-path', str(tree)])
+    model = train.build_model(train.model_config(args, 3))
+    fresh_head = model.head.weight.clone()
+    train.finetune_from(model, softmax_checkpoint)
+    source = torch.load(softmax_checkpoint, weights_only=True)['model']
+    for key, value in model.state_dict().items():
+        if key.startswith('head.'):
+            assert value.shape[0] == 3 and source[key].shape[0] == 10
+        else:
+            assert torch.equal(value, source[key]), key
+    assert torch.equal(model.head.weight, fresh_head)
+    train.main(TINY + FAST_RECIPE + ['--attn', 'softmax', '--dataset', 'folder', '--data-path', str(tree),
+                                     '--finetune', str(softmax_checkpoint), '--output-dir', str(tmp_path / 'run')])
+    assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
+
+
+def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_checkpoint):
+    args = train.parse_args(['--attn', 'softmax', '--depth', '1', '--img-size', '16', '--patch-size', '2'])
+    model = train.build_model(train.model_config(args, 10))
+    train.finetune_from(model, softmax_checkpoint)
+    source = torch.load(softmax_checkpoint, weights_only=True)['model']['pos_embed']
+    assert model.pos_embed.shape == (1, 65, 192)
+    assert torch.equal(model.pos_embed[:, 0], source[:, 0])  # the CLS token's embedding is kept
+
+
+# Distributed ----------------------------------------------------------------------------------
+
+def test_torchrun_two_processes_on_gloo_reduce_evaluation_exactly(tmp_path):
+    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *TINY,
+                 '--depth', '1', '--limit', '256', '--epochs', '2', '--output-dir', str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / 'args.json').read_text())['world_size'] == 2
+    assert [r['epoch'] for r in log(tmp_path)] == [1, 2]
+    alone = python('train.py', *TINY, '--eval-only', '--resume', str(tmp_path / 'last.pt'))
+    assert alone.returncode == 0, alone.stderr
+    # one process over all 256 test images scores exactly what the two ranks summed
+    result = json.loads(alone.stdout.strip().splitlines()[-1])
+    assert result['test_acc1'] == log(tmp_path)[-1]['test_acc1']
+    assert result['test_loss'] == pytest.approx(log(tmp_path)[-1]['test_loss'], rel=1e-6)
+
+
+# Failures -------------------------------------------------------------------------------------
+
+def test_a_non_finite_loss_stops_at_a_named_step_and_keeps_the_last_checkpoint(tmp_path, capsys):
+    base = TINY + ['--depth', '1', '--limit', '128', '--output-dir', str(tmp_path)]
+    train.main(base + ['--epochs', '1'])
+    before = (tmp_path / 'last.pt').read_bytes()
+    err = fails(base + ['--epochs', '2', '--lr', '1e12', '--warmup-epochs', '0', '--resume', str(tmp_path / 'last.pt')], capsys)
+    assert 'non-finite' in err and 'at step' in err
+    assert (tmp_path / 'last.pt').read_bytes() == before
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+
+
+def write(path, data):
+    path.write_bytes(data)
+    return str(path)
+
+
+@pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
+                                  'another architecture', 'other classes', 'unknown model', 'unknown attention',
+                                  'image not a multiple of the patch', 'rank above N', 'no folder tree'])
+def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
+    full = softmax_checkpoint.read_bytes()
+    argv, expect = {
+        'missing dataset': (['--dataset', 'cifar10', '--data-path', str(tmp_path)], '--download'),
+        'garbage checkpoint': (['--resume', write(tmp_path / 'g.pt', b'not a checkpoint' * 9)], 'cannot load'),
+        'truncated checkpoint': (['--resume', write(tmp_path / 't.pt', full[: len(full) // 2])], 'cannot load'),
+        'another architecture': (['--attn', 'fourier', '--depth', '1', '--finetune', str(softmax_checkpoint)], 'another architecture'),
+        'other classes': (['--dataset', 'folder', '--data-path', str(png_tree(tmp_path / 'tree', 6)),
+                           '--resume', str(softmax_checkpoint)], '--finetune'),
+        'unknown model': (['--model', 'vit_huge'], 'vit_huge'),
+        'unknown attention': (['--attn', 'sigmoid'], 'sigmoid'),
+        'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'], 'multiple'),
+        'rank above N': (['--img-size', '8', '--patch-size', '4', '--rank', '12'], 'rank'),
+        'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
+    }[case]
+    assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
+
+
+def test_cli_failure_has_no_traceback():
+    done = python('train.py', '--dataset', 'svhn', '--data-path', '/nonexistent')
+    assert done.returncode != 0
+    assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and '--download' in done.stderr
+
+
+# Benchmark ------------------------------------------------------------------------------------
+
+def test_benchmark_prints_one_json_line():
+    done = python('train.py', '--benchmark', *TINY, '--depth', '1', '--batch-size', '8', '--bench-steps', '3', '--naive')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(model='vit_tiny', attn='fourier', naive=True, batch=8)
+    assert result['step_ms'] > 0 and result['img_per_s'] > 0 and result['peak_mem_mb'] > 0
+    assert result['device'].startswith('cpu')
