@@ -868,7 +868,7 @@ def train_detection(args):
         seed_epoch(args.seed, epoch, 0)
         sampler.set_epoch(epoch)
         tic, losses = time.time(), []
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)  # None: terminals only
         for images, targets in bar:
             lr = learning_rate(step, args, len(train_loader))
             for group in optimizer.param_groups:

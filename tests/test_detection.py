@@ -1,8 +1,10 @@
 """ViTDet with KArAt on torchvision's Mask R-CNN: the detector, its backbone's init from a
-classifier, the synthetic shapes and the COCO evaluation."""
+classifier, the synthetic shapes, the COCO evaluation and train.py's detection mode."""
+import json
 import pytest
 import torch
 from einops import rearrange
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import karat
@@ -220,8 +222,91 @@ def test_a_few_dozen_steps_on_shapes_lower_the_loss_markedly():
     torch.manual_seed(0)
     model = models.create_model('vitdet_tiny', attn='fourier', img_size=64, window_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    data = train.Shapes(8, img_size=64, seed=0)
-    images, targets = train.collate_detection([data[i] for i in range(8)])
-    losses = [train.detection_step(model, optimizer, images[i % 2 * 4:][:4], targets[i % 2 * 4:][:4])['loss']
-              for i in range(30)]
+    images, targets = batch(8, img_size=64)
+    losses = []
+    for step in range(30):  # two batches of 4, in turn
+        half = slice(4 * (step % 2), 4 * (step % 2) + 4)
+        losses.append(train.detection_step(model, optimizer, images[half], targets[half])['loss'])
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
+
+
+# train.py's detection mode -------------------------------------------------------------------
+
+TINY = ['--model', 'vitdet_tiny', '--img-size', '64', '--batch-size', '4', '--device', 'cpu']
+
+
+def test_the_detection_mode_logs_ap_and_eval_only_reproduces_it(tmp_path, capsys):
+    train.main(TINY + ['--dataset', 'shapes', '--attn', 'fourier', '--limit', '8', '--epochs', '2',
+                       '--output-dir', str(tmp_path)])
+    rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [1, 2] and rows[1]['train_loss'] < rows[0]['train_loss']
+    assert LOSSES | {'box_ap', 'box_ap50', 'mask_ap', 'mask_ap50'} <= set(rows[0])
+    capsys.readouterr()
+    train.main(['--dataset', 'shapes', '--model', 'vitdet_tiny', '--limit', '8', '--eval-only',
+                '--resume', str(tmp_path / 'last.pt')])
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: evaluated[k] for k in ('box_ap', 'mask_ap')} == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')}
+
+
+def coco_folder(root, images=3):
+    """A COCO-layout folder: {train,val}2017/*.png and annotations/instances_*2017.json with
+    polygon rectangles of categories 3 and 7 and one crowd region."""
+    (root / 'annotations').mkdir(parents=True)
+    for split in ('train', 'val'):
+        (root / f'{split}2017').mkdir()
+        files, anns = [], []
+        for i in range(images):
+            pixels = torch.full((48, 64, 3), 40, dtype=torch.uint8)
+            pixels[8:24, 10:30] = 220  # category 3
+            pixels[30:44, 40:60] = 120  # category 7
+            Image.fromarray(pixels.numpy()).save(root / f'{split}2017' / f'{i:04d}.png')
+            files.append(dict(id=100 + i, file_name=f'{i:04d}.png', height=48, width=64))
+            for cat, (x1, y1, x2, y2), crowd in ((3, (10, 8, 30, 24), 0), (7, (40, 30, 60, 44), 0), (7, (0, 40, 8, 48), 1)):
+                anns.append(dict(id=len(anns) + 1, image_id=100 + i, category_id=cat, iscrowd=crowd, area=(x2 - x1) * (y2 - y1),
+                                 bbox=[x1, y1, x2 - x1, y2 - y1], segmentation=[[x1, y1, x2, y1, x2, y2, x1, y2]]))
+        categories = [dict(id=3, name='bright'), dict(id=7, name='grey')]
+        (root / 'annotations' / f'instances_{split}2017.json').write_text(
+            json.dumps(dict(images=files, annotations=anns, categories=categories)))
+
+
+def test_coco_format_targets_are_boxes_labels_and_masks_without_crowds(tmp_path):
+    coco_folder(tmp_path)
+    image, target = train.coco_split(tmp_path, 'val')[0]
+    assert image.shape == (3, 48, 64) and image.dtype == torch.float32 and image.max() <= 1
+    assert target['labels'].tolist() == [3, 7] and target['image_id'] == 100
+    assert target['boxes'].tolist() == [[10, 8, 30, 24], [40, 30, 60, 44]]
+    assert torch.equal(train.mask_boxes(target['masks']), target['boxes'])  # the polygons rasterise to the boxes
+
+
+def test_the_detection_mode_trains_on_a_coco_folder_with_labels_up_to_the_largest_category(tmp_path):
+    coco_folder(tmp_path / 'coco')
+    train.main(TINY + ['--dataset', 'coco', '--data-path', str(tmp_path / 'coco'), '--attn', 'softmax', '--epochs', '1',
+                       '--workers', '0', '--output-dir', str(tmp_path / 'run')])
+    ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
+    assert ckpt['config']['num_classes'] == 8  # category ids 3 and 7 are the labels; 0 is the background
+    assert 'box_ap' in json.loads((tmp_path / 'run' / 'log.jsonl').read_text())
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--dataset', 'digits', '--model', 'vitdet_tiny'], 'vitdet_'),
+    (['--dataset', 'shapes', '--model', 'vit_tiny'], 'vitdet_'),
+    (['--dataset', 'coco', '--model', 'vitdet_tiny', '--data-path', '/nonexistent'], 'no COCO train split'),
+])
+def test_bad_detection_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code not in (0, None) and message in err
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_finetune_initialises_the_backbone_from_a_classifier_checkpoint(tmp_path, capsys):
+    source = classifier('fourier')
+    torch.save(dict(model=source.state_dict(), config=source.config), tmp_path / 'vit.pt')
+    # lr 0: the weights after one epoch are the weights the backbone started from
+    train.main(['--model', 'vitdet_tiny', '--img-size', '128', '--device', 'cpu', '--dataset', 'shapes', '--attn', 'fourier',
+                '--limit', '4', '--epochs', '1', '--lr', '0', '--warmup-epochs', '0', '--finetune', str(tmp_path / 'vit.pt'),
+                '--output-dir', str(tmp_path / 'run')])
+    assert 'left at init: nothing' in capsys.readouterr().out
+    state = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['model']
+    assert torch.equal(state['backbone.blocks.0.mlp.0.weight'], source.blocks[0].mlp[0].weight)
