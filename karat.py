@@ -48,6 +48,16 @@ def fourier(x, G):
     return [torch.cos(t) for t in mx] + [torch.sin(t) for t in mx]
 
 
+def fourier_vjp(x, G, grads):
+    """fourier(x, G) and Σ_m g_m B_m'(x) by d cos(mx) = -m sin(mx), d sin(mx) = m cos(mx):
+    the derivative reuses the maps, where autograd would evaluate sin and cos again."""
+    maps = fourier(x, G)
+    dx = torch.zeros_like(x)
+    for m, (c, s, g_cos, g_sin) in enumerate(zip(maps[:G], maps[G:], grads[:G], grads[G:]), 1):
+        dx.addcmul_(c, g_sin, value=m).addcmul_(s, g_cos, value=-m)
+    return maps, dx
+
+
 def bspline(x, G, k=3, lo=SPLINE_RANGE[0], hi=SPLINE_RANGE[1]):
     """B-splines of order k on G intervals of [lo, hi] (efficient-kan's knots): G+k maps.
 
@@ -133,15 +143,17 @@ def shannon(x):
 class Basis:
     """A family of units. `expansion` families give features(x, G) -> size(G) maps and a unit
     is Σ_m c_m B_m(x); `unit` families evaluate unit(x, **params) with per-unit parameters.
-    `gain(G)` rescales N(0, 1) coefficients so that one unit's output has unit variance."""
+    `gain(G)` rescales N(0, 1) coefficients so that one unit's output has unit variance;
+    `vjp(x, G, grads)` -> (maps, Σ_m grads_m B_m'(x)), where a closed form beats autograd."""
     fn: Callable
     expansion: bool
     size: Callable = None
     gain: Callable = None
+    vjp: Callable = None
 
 
 BASES = {
-    'fourier': Basis(fourier, True, lambda G: 2 * G, lambda G: G ** -0.5),  # Σ cos² + sin² = G
+    'fourier': Basis(fourier, True, lambda G: 2 * G, lambda G: G ** -0.5, fourier_vjp),  # Σ cos² + sin² = G
     'bspline': Basis(bspline, True, lambda G: G + 3, lambda G: 1.0),        # partition of unity
     'chebyshev': Basis(chebyshev, True, lambda G: G + 1, lambda G: (G + 1) ** -0.5),
     'gaussian': Basis(gaussian, True, lambda G: G, lambda G: 1.0),
@@ -183,6 +195,22 @@ def init_kan(basis, heads, n_out, n_in, G, base, std):
 
 # §2  One Kolmogorov-Arnold layer over a row -------------------------------------------
 
+def expansion_maps(x, basis, G, base):
+    """The maps B_m(x) of an expansion family, and b(x) when there is a base activation."""
+    b = BASE_ACTIVATIONS[base]
+    return basis.fn(x, G) + ([] if b is None else [b(x)])
+
+
+def expansion_coefs(params):
+    """The coefficients C_m (h p q) that go with `expansion_maps`."""
+    return params['coef'].unbind(-1) + ((params['w_base'],) if 'w_base' in params else ())
+
+
+def contract(maps, coefs, mask):
+    """Σ_m (mask ⊙ B_m) C_m^T per head: matmul broadcasts (b h i q) @ (h q p) without copies."""
+    return sum((B if mask is None else B * mask) @ C.mT for B, C in zip(maps, coefs))
+
+
 def kan(x, basis, params, G, base='zero', mask=None):
     """Φ(x)_p = Σ_q m_q φ_pq(x_q) for every row x of a batch, per head.
 
@@ -190,37 +218,62 @@ def kan(x, basis, params, G, base='zero', mask=None):
     so that a masked input contributes exactly zero. Returns (b h i p).
     """
     if basis.expansion:
-        # Σ_m B_m(x) C_m^T per head: matmul broadcasts (b h i q) @ (h q p) without copies
-        out = sum((B if mask is None else B * mask) @ C.mT for B, C in zip(basis.fn(x, G), params['coef'].unbind(-1)))
+        return contract(expansion_maps(x, basis, G, base), expansion_coefs(params), mask)
+    x_, p = rearrange(x, 'b h i q -> b h i 1 q'), {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
+    if basis.fn is rational:
+        phi = rational(x_, p['a'], p['b'])
     else:
-        x_, p = rearrange(x, 'b h i q -> b h i 1 q'), {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
-        if basis.fn is rational:
-            phi = rational(x_, p['a'], p['b'])
-        else:
-            phi = p['w'] * basis.fn((x_ - p['tau']) / p['s'])
-        if mask is not None:
-            phi = phi * rearrange(mask, '... i q -> ... i 1 q')
-        out = phi.sum(-1)
+        phi = p['w'] * basis.fn((x_ - p['tau']) / p['s'])
+    if mask is not None:
+        phi = phi * rearrange(mask, '... i q -> ... i 1 q')
+    out = phi.sum(-1)
     if 'w_base' in params:
         b = BASE_ACTIVATIONS[base](x)
-        if mask is not None:
-            b = b * mask
-        out = out + einsum(b, params['w_base'], 'b h i q, h p q -> b h i p')
+        out = out + einsum(b if mask is None else b * mask, params['w_base'], 'b h i q, h p q -> b h i p')
     return out
+
+
+class RecomputedExpansion(torch.autograd.Function):
+    """`kan` of an expansion family keeping only x for backward, where the maps are recomputed:
+    dC_m = Σ_b (m ⊙ B_m)^T dZ and dx = Σ_m (m ⊙ dZ C_m) ⊙ B_m'(x)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, basis, G, base, *coefs):
+        ctx.save_for_backward(x, mask, *coefs)
+        ctx.basis, ctx.G, ctx.base = basis, G, base
+        return contract(expansion_maps(x, basis, G, base), coefs, mask)
+
+    @staticmethod
+    def backward(ctx, dZ):
+        x, mask, *coefs = ctx.saved_tensors
+        grads = [dZ @ C if mask is None else (dZ @ C) * mask for C in coefs]  # (b h i p) @ (h p q)
+        if ctx.basis.vjp is not None and ctx.base == 'zero':
+            maps, dx = ctx.basis.vjp(x, ctx.G, grads)
+        else:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_()
+                maps = expansion_maps(x, ctx.basis, ctx.G, ctx.base)
+            outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1 is constant
+            dx = torch.autograd.grad(outs, x, gs)[0]
+        dcoefs = [((B if mask is None else B * mask).detach().mT @ dZ).sum(0).mT for B in maps]
+        return dx, None, None, None, None, *dcoefs
 
 
 CHUNK_ELEMENTS = 2 ** 22  # largest per-chunk feature tensor, in elements (16 MB in float32)
 
 
 def kan_rows(x, basis, params, G, base='zero', mask=None, n_out=None):
-    """`kan` over chunks of query rows, each checkpointed: the K feature maps (or the
-    (b h i p q) unit values) live one chunk at a time and are recomputed in backward, so
-    only x is kept for the gradient."""
+    """`kan` over chunks of query rows whose features are recomputed in backward: the K
+    feature maps (or the (b h i p q) unit values) live one chunk at a time, and only x is
+    kept for the gradient."""
     per_row = x.shape[0] * x.shape[1] * x.shape[-1] * (basis.size(G) if basis.expansion else n_out)
     step = max(1, CHUNK_ELEMENTS // per_row)
-    layer = lambda x, m: kan(x, basis, params, G, base, m)
-    if torch.is_grad_enabled():
-        layer = lambda x, m, f=layer: checkpoint(f, x, m, use_reentrant=False)
+    if basis.expansion:
+        layer = lambda x, m: RecomputedExpansion.apply(x, m, basis, G, base, *expansion_coefs(params))
+    elif torch.is_grad_enabled():
+        layer = lambda x, m: checkpoint(kan, x, basis, params, G, base, m, use_reentrant=False)
+    else:
+        layer = lambda x, m: kan(x, basis, params, G, base, m)
     chunks = [(x[:, :, i:i + step], None if mask is None else mask[:, :, i:i + step] if mask.shape[2] > 1 else mask)
               for i in range(0, x.shape[2], step)]
     return torch.cat([layer(*c) for c in chunks], dim=2) if len(chunks) > 1 else layer(*chunks[0])

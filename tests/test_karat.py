@@ -139,10 +139,11 @@ def test_full_operator_equals_low_rank_with_r_equal_n_and_identity_W(attn):
 
 @pytest.mark.parametrize('attn', karat.BASES)
 @pytest.mark.parametrize('rank', [3, None])
-def test_efficient_path_equals_the_naive_materialised_formula(attn, rank, monkeypatch):
+@pytest.mark.parametrize('base', ['zero', 'silu'])
+def test_efficient_path_equals_the_naive_materialised_formula(attn, rank, base, monkeypatch):
     """Values and gradients of O = Z (W^T V), chunked and recomputed, against σ̂(A) V."""
     monkeypatch.setattr(karat, 'CHUNK_ELEMENTS', 64)  # force several query-row chunks
-    op = operator(attn, N=7, rank=rank, base='silu')
+    op = operator(attn, N=7, rank=rank, base=base)
     A, V = torch.randn(2, 2, 7, 7, requires_grad=True), torch.randn(2, 2, 7, 3, requires_grad=True)
     results = []
     for efficient in (True, False):
@@ -240,11 +241,12 @@ def test_softmax_behind_the_same_interface():
 # --- gradients ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize('attn', karat.BASES)
-def test_gradcheck_every_basis(attn, monkeypatch):
+@pytest.mark.parametrize('base', ['zero', 'silu'])
+def test_gradcheck_every_basis(attn, base, monkeypatch):
     """float64 gradcheck of the whole operator (chunked, recomputed), through logits, values and
     every parameter."""
     monkeypatch.setattr(karat, 'CHUNK_ELEMENTS', 32)
-    op = operator(attn, heads=1, N=4, rank=2, base='silu')
+    op = operator(attn, heads=1, N=4, rank=2, base=base)
     names = list(dict(op.named_parameters()))
     A = (torch.randn(1, 1, 4, 4) * 0.7 + 0.3).requires_grad_()
     if attn == 'bspline':  # kinks at knots: keep logits away from them
