@@ -79,9 +79,9 @@ DATASETS = {
     'flowers102': Data(PAPER, 102, center_crop=True),
     'imagenet': Data(dict(PAPER, batch_size=128), center_crop=True),
     'folder': Data(PAPER, center_crop=True),
-    'fake': Data(dict(LIGHT, img_size=32, patch_size=4, epochs=5), 10, sizes={'train': 1024, 'test': 256}),
-    'digits': Data(dict(LIGHT, img_size=8, patch_size=2, epochs=30, batch_size=64, lr=1e-3,
-                        warmup_epochs=3, weight_decay=0.05), 10,
+    'fake': Data(dict(LIGHT, img_size=32, patch_size=4, epochs=5, warmup_epochs=1), 10, sizes={'train': 1024, 'test': 256}),
+    'digits': Data(dict(LIGHT, img_size=8, patch_size=2, epochs=30, batch_size=32, lr=5e-4,
+                        warmup_epochs=2, weight_decay=0.05), 10,
                    stats=((0.305,) * 3, (0.376,) * 3), hflip=False),
 }
 # Detection (ViTDet's recipe: AdamW, lr 1e-4, wd 0.1, 1024 px; no augmentation here). `classes`
@@ -94,7 +94,7 @@ DATASETS |= {
     'shapes': Data(dict(DETECTION, img_size=128, epochs=1, lr=1e-3, warmup_epochs=0.1, weight_decay=0.05, workers=0),
                    4, sizes={'train': 1000, 'test': 100}),
 }
-ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'drop_path_rate')
+ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size', 'drop_path_rate')
 
 
 class Fatal(Exception):
@@ -112,6 +112,15 @@ class Parser(argparse.ArgumentParser):
         raise Fatal(f"{message} (see --help)", code=2)
 
 
+def ints(text):
+    """'12' -> 12; '2,2,6,2' -> (2, 2, 6, 2), for Swin's per-stage depths and heads."""
+    try:
+        values = tuple(int(t) for t in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: an integer or a comma-separated list") from None
+    return values[0] if len(values) == 1 else values
+
+
 def rank_value(text):
     if text == 'full':
         return None
@@ -122,7 +131,6 @@ def rank_value(text):
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_tiny', choices=models.list_models())
     g.add_argument('--attn', default='fourier', choices=karat.ATTENTIONS, help="'softmax' or a KArAt basis")
@@ -134,8 +142,10 @@ def parse_args(argv=None):
     g.add_argument('--simplex', action='store_true', help='project activated rows onto the simplex (ablation)')
     g.add_argument('--naive', action='store_true', help='the materialised paper-style formula (efficient=False)')
     g.add_argument('--img-size', type=int)
-    for flag in ('--patch-size', '--embed-dim', '--depth', '--num-heads'):
+    for flag in ('--patch-size', '--embed-dim', '--window-size'):
         g.add_argument(flag, type=int, help="the model's own default if omitted")
+    for flag in ('--depth', '--num-heads'):
+        g.add_argument(flag, type=ints, help="the model's own default if omitted; Swin: one per stage, 2,2,6,2")
     g.add_argument('--drop-path', dest='drop_path_rate', type=float)
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='digits', choices=list(DATASETS))
@@ -144,23 +154,28 @@ def parse_args(argv=None):
     g.add_argument('--limit', type=int, help='train and test on at most this many images of each split')
     g.add_argument('--workers', type=int)
     g = p.add_argument_group('recipe (defaults: the dataset\'s recipe)')
-    for flag, kind in (('--epochs', int), ('--batch-size', int), ('--lr', float), ('--base-lr', float),
-                       ('--min-lr', float), ('--warmup-epochs', float), ('--warmup-lr', float),
-                       ('--weight-decay', float), ('--opt-eps', float), ('--clip-grad', float),
-                       ('--smoothing', float), ('--mixup', float), ('--cutmix', float), ('--ema', float)):
-        g.add_argument(flag, type=kind)
-    g.add_argument('--augment', choices=('paper', 'light', 'none'))
+    for flag, kind, what in (
+            ('--epochs', int, ''), ('--batch-size', int, 'per process'),
+            ('--lr', float, 'peak learning rate; default base-lr x total batch / 512'), ('--base-lr', float, ''),
+            ('--min-lr', float, 'end of the cosine'), ('--warmup-epochs', float, ''),
+            ('--warmup-lr', float, 'start of the linear warmup'), ('--weight-decay', float, 'AdamW'),
+            ('--opt-eps', float, 'AdamW'), ('--clip-grad', float, 'gradient norm; 0 = off'),
+            ('--smoothing', float, 'label smoothing'), ('--mixup', float, 'Mixup alpha; 0 = off'),
+            ('--cutmix', float, 'CutMix alpha; 0 = off'), ('--ema', float, 'EMA decay per step; 0 = off')):
+        g.add_argument(flag, type=kind, help=what or None)
+    g.add_argument('--augment', choices=('paper', 'light', 'none'),
+                   help='paper: RandomResizedCrop, flip, RandAugment, jitter; light: pad-and-crop, flip')
     g = p.add_argument_group('run')
-    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    a('--amp', action='store_true', help='bfloat16 autocast')
-    a('--compile', action='store_true', help='torch.compile the model')
-    a('--seed', type=int, default=0)
-    a('--output-dir', help='default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint\'s folder')
-    a('--resume', metavar='PATH', help='continue exactly from a checkpoint')
-    a('--finetune', metavar='PATH', help="start from a checkpoint's weights with a new classifier head")
-    a('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
-    a('--benchmark', action='store_true', help='time train steps on synthetic batches, print one JSON line')
-    a('--bench-steps', type=int, default=20)
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--output-dir', help='default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint\'s folder')
+    g.add_argument('--resume', metavar='PATH', help='continue exactly from a checkpoint')
+    g.add_argument('--finetune', metavar='PATH', help="start from a checkpoint's weights with a new classifier head")
+    g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
+    g.add_argument('--benchmark', action='store_true', help='time train steps on synthetic batches, print one JSON line')
+    g.add_argument('--bench-steps', type=int, default=20)
     args = p.parse_args(argv)
     for key, value in DATASETS[args.dataset].recipe.items():
         if getattr(args, key) is None:
@@ -442,11 +457,11 @@ class Run:
 
 
 class NonFinite(Exception):
-    pass
+    """A NaN or infinite loss or gradient, caught before the optimiser step."""
 
 
 def train_one_epoch(run, loader, epoch):
-    args, device = run.args, args_device(run.args)
+    args, device = run.args, torch.device(run.args.device)
     run.train.train()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=run.rank != 0 or None)
@@ -479,7 +494,7 @@ def train_one_epoch(run, loader, epoch):
 @torch.no_grad()
 def evaluate(run, model, loader, prefix='test'):
     """Loss, top-1 and top-5 accuracy (percent) over the whole test set, summed over ranks."""
-    device = args_device(run.args)
+    device = torch.device(run.args.device)
     model.eval()
     total = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, images
     for images, labels in loader:
@@ -491,10 +506,6 @@ def evaluate(run, model, loader, prefix='test'):
         total += torch.stack([total.new_tensor(c) if isinstance(c, int) else c.double() for c in counts])
     loss, top1, top5, n = run.all_sum(total).tolist()
     return {f'{prefix}_loss': loss / n, f'{prefix}_acc1': 100 * top1 / n, f'{prefix}_acc5': 100 * top5 / n}
-
-
-def args_device(args):
-    return torch.device(args.device)
 
 
 def checkpoint(run, epoch, best, history):
@@ -904,18 +915,15 @@ def rss_kib(field):
 
 
 def benchmark(args):
-    """Median time of a train step (forward, backward, AdamW) on random images, and its peak
-    memory. GPU: torch.cuda.max_memory_allocated during the timed steps. CPU: the peak
-    resident set (VmHWM, reset by writing 5 to /proc/self/clear_refs after warm-up) minus
-    the resident set before the model was built, with glibc told to hand every block of
-    64 KiB or more back to the OS on free so that freed tensors leave the resident set.
-    Both count weights, gradients, optimiser state and activations."""
+    """Median time of a train step (forward, backward, AdamW) on random images, then its peak
+    memory over a few more steps. GPU: torch.cuda.max_memory_allocated. CPU: the peak resident
+    set (VmHWM, reset by writing 5 to /proc/self/clear_refs) minus the resident set before the
+    model was built, with glibc told, for those steps, to hand every freed block of 64 KiB or
+    more back to the OS so that freed tensors leave the resident set. Both count weights,
+    gradients, optimiser state and activations."""
     device, cuda = torch.device(args.device), args.device.startswith('cuda')
-    libc = None if cuda or not Path('/proc/self/clear_refs').exists() else ctypes.CDLL('libc.so.6')
-    if libc:
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed (not adaptive) from here on
-        libc.malloc_trim(0)
-        before = rss_kib('VmRSS')
+    proc = not cuda and Path('/proc/self/clear_refs').exists()
+    before = rss_kib('VmRSS') if proc else 0
     torch.manual_seed(args.seed)
     classes = DATASETS[args.dataset].classes or 1000
     model = build_model(model_config(args, classes)).to(device)
@@ -935,18 +943,22 @@ def benchmark(args):
 
     for _ in range(3):
         step()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    elif libc:
-        libc.malloc_trim(0)
-        Path('/proc/self/clear_refs').write_text('5')
     times = []
     for _ in range(args.bench_steps):
         tic = time.perf_counter()
         step()
         times.append(time.perf_counter() - tic)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    elif proc:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed (no longer adaptive)
+        libc.malloc_trim(0)
+        Path('/proc/self/clear_refs').write_text('5')
+    for _ in range(2):
+        step()
     peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else
-            (rss_kib('VmHWM') - before) / 1024 if libc else None)
+            (rss_kib('VmHWM') - before) / 1024 if proc else None)
     name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
     print(json.dumps(dict(model=args.model, attn=args.attn, naive=args.naive, device=name, batch=args.batch_size,
                           img_size=args.img_size, patch_size=model.config.get('patch_size'), amp=args.amp,
