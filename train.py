@@ -837,7 +837,7 @@ def train_detection(args):
     last.pt and best.pt (by box AP) and log.jsonl; --eval-only --resume PATH evaluates."""
     if 'RANK' in os.environ:
         raise Fatal("the detection mode runs in one process: start it with python, not torchrun")
-    device = args_device(args)
+    device = torch.device(args.device)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt:
         args.img_size = ckpt['config']['img_size']
