@@ -42,11 +42,11 @@ def fails(argv, capsys):
 # Learning -------------------------------------------------------------------------------------
 
 def test_a_short_run_learns_digits_far_above_chance(tmp_path):
-    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '4', '--batch-size', '64', '--lr', '1e-3',
+    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '2', '--batch-size', '64', '--lr', '1e-3',
                        '--warmup-epochs', '1', '--output-dir', str(tmp_path)])
     rows = log(tmp_path)
-    assert [r['epoch'] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]['test_acc1'] >= 60  # chance is 10%; 75% here
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert rows[-1]['test_acc1'] >= 75  # chance is 10%; 90% here
     assert rows[-1]['train_loss'] < rows[0]['train_loss']
 
 
