@@ -42,11 +42,11 @@ def fails(argv, capsys):
 # Learning -------------------------------------------------------------------------------------
 
 def test_a_short_run_learns_digits_far_above_chance(tmp_path):
-    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '5', '--warmup-epochs', '1',
-                       '--output-dir', str(tmp_path)])
+    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '2', '--batch-size', '64', '--lr', '1e-3',
+                       '--warmup-epochs', '1', '--output-dir', str(tmp_path)])
     rows = log(tmp_path)
-    assert [r['epoch'] for r in rows] == [1, 2, 3, 4, 5]
-    assert rows[-1]['test_acc1'] >= 75  # chance is 10%
+    assert [r['epoch'] for r in rows] == [1, 2]
+    assert rows[-1]['test_acc1'] >= 75  # chance is 10%; 90% here
     assert rows[-1]['train_loss'] < rows[0]['train_loss']
 
 
@@ -164,9 +164,10 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path, u
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_eval_only_reproduces_the_logged_metrics(uninterrupted, capsys):
-    train.main(RESUMABLE + ['--eval-only', '--resume', str(uninterrupted / 'last.pt')])
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_eval_only_reproduces_the_logged_metrics(uninterrupted):
+    done = python('train.py', *RESUMABLE, '--eval-only', '--resume', str(uninterrupted / 'last.pt'))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     last = log(uninterrupted)[-1]
     for key in ('test_acc1', 'test_acc5', 'ema_test_acc1'):
         assert result[key] == last[key]
@@ -220,6 +221,14 @@ def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_ch
     assert torch.equal(model.pos_embed[:, 0], source[:, 0])  # the CLS token's embedding is kept
 
 
+def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
+    args = train.parse_args(['--lr', '1e-3', '--warmup-lr', '1e-6', '--min-lr', '1e-5', '--warmup-epochs', '2', '--epochs', '10'])
+    lr = lambda step: train.learning_rate(step, args, steps_per_epoch=5)
+    assert lr(0) == 1e-6 and lr(5) == pytest.approx((1e-6 + 1e-3) / 2) and lr(10) == pytest.approx(1e-3)
+    assert lr(30) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway through the cosine
+    assert lr(50) == pytest.approx(1e-5)
+
+
 # Distributed ----------------------------------------------------------------------------------
 
 def test_torchrun_two_processes_on_gloo_reduce_evaluation_exactly(tmp_path):
@@ -228,7 +237,7 @@ def test_torchrun_two_processes_on_gloo_reduce_evaluation_exactly(tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / 'args.json').read_text())['world_size'] == 2
     assert [r['epoch'] for r in log(tmp_path)] == [1, 2]
-    alone = python('train.py', *TINY, '--eval-only', '--resume', str(tmp_path / 'last.pt'))
+    alone = python('train.py', *TINY, '--limit', '256', '--eval-only', '--resume', str(tmp_path / 'last.pt'))
     assert alone.returncode == 0, alone.stderr
     # one process over all 256 test images scores exactly what the two ranks summed
     result = json.loads(alone.stdout.strip().splitlines()[-1])
@@ -255,7 +264,7 @@ def write(path, data):
 
 @pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
-                                  'image not a multiple of the patch', 'rank above N', 'no folder tree'])
+                                  'image not a multiple of the patch', 'rank zero', 'no folder tree'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
@@ -268,7 +277,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'unknown model': (['--model', 'vit_huge'], 'vit_huge'),
         'unknown attention': (['--attn', 'sigmoid'], 'sigmoid'),
         'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'], 'multiple'),
-        'rank above N': (['--img-size', '8', '--patch-size', '4', '--rank', '12'], 'rank'),
+        'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
