@@ -29,8 +29,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # §1  Basis families -------------------------------------------------------------------
-# Linear-in-coefficients families map x (...) to features (..., K); a unit is then one
-# contraction with its coefficients. Logits are unbounded, so every family is defined on
+# Linear-in-coefficients families map x to K feature maps B_m(x), each shaped like x; a
+# unit is then one contraction with its coefficients. A list rather than one stacked
+# (..., K) tensor: each map feeds its own matmul without a copy, twice as fast on a CPU. Logits are unbounded, so every family is defined on
 # all of R: grids clamp, Chebyshev squashes with tanh, Fourier is periodic.
 
 SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logits of a
@@ -38,22 +39,27 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 
 
 def fourier(x, G):
-    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}, shape (..., 2G).
+    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps.
 
-    Angle addition, cos((m+1)x) = cos(mx)cos x - sin(mx)sin x and
-    sin((m+1)x) = sin(mx)cos x + cos(mx)sin x, costs one sin and one cos per logit for any G.
+    Direct rather than by angle addition (cos((m+1)x) = cos(mx)cos x - sin(mx)sin x): on a
+    CPU, vectorised sin and cos cost no more than the extra multiplies the recursion needs.
     """
-    c1, s1 = torch.cos(x), torch.sin(x)
-    cos, sin = [c1], [s1]
-    for _ in range(G - 1):
-        c, s = cos[-1], sin[-1]
-        cos.append(c * c1 - s * s1)
-        sin.append(s * c1 + c * s1)
-    return torch.stack(cos + sin, dim=-1)
+    mx = [m * x for m in range(1, G + 1)]
+    return [torch.cos(t) for t in mx] + [torch.sin(t) for t in mx]
+
+
+def fourier_vjp(x, G, grads):
+    """fourier(x, G) and Σ_m g_m B_m'(x) by d cos(mx) = -m sin(mx), d sin(mx) = m cos(mx):
+    the derivative reuses the maps, where autograd would evaluate sin and cos again."""
+    maps = fourier(x, G)
+    dx = torch.zeros_like(x)
+    for m, (c, s, g_cos, g_sin) in enumerate(zip(maps[:G], maps[G:], grads[:G], grads[G:]), 1):
+        dx.addcmul_(c, g_sin, value=m).addcmul_(s, g_cos, value=-m)
+    return maps, dx
 
 
 def bspline(x, G, k=3, lo=SPLINE_RANGE[0], hi=SPLINE_RANGE[1]):
-    """B-splines of order k on G intervals of [lo, hi] (efficient-kan's knots), shape (..., G+k).
+    """B-splines of order k on G intervals of [lo, hi] (efficient-kan's knots): G+k maps.
 
     Knots t_i = lo + (i - k) h, h = (hi - lo)/G, i = 0..G+2k; Cox–de Boor recursion
     B_{i,0} = [t_i <= x < t_{i+1}],
@@ -66,23 +72,22 @@ def bspline(x, G, k=3, lo=SPLINE_RANGE[0], hi=SPLINE_RANGE[1]):
     B = ((x >= t[:-1]) & (x < t[1:])).to(x.dtype)
     for j in range(1, k + 1):
         B = (x - t[: -(j + 1)]) / (j * h) * B[..., :-1] + (t[j + 1:] - x) / (j * h) * B[..., 1:]
-    return B
+    return list(B.unbind(-1))
 
 
 def chebyshev(x, G):
-    """T_m(tanh x) for m = 0..G, shape (..., G+1), by T_{m+1} = 2u T_m - T_{m-1} (ChebyKAN)."""
+    """T_m(tanh x) for m = 0..G (G+1 maps), by T_{m+1} = 2u T_m - T_{m-1} (ChebyKAN)."""
     u = torch.tanh(x)
     T = [torch.ones_like(u), u]
     for _ in range(G - 1):
         T.append(2 * u * T[-1] - T[-2])
-    return torch.stack(T[: G + 1], dim=-1)
+    return T[: G + 1]
 
 
 def gaussian(x, G, lo=SPLINE_RANGE[0], hi=SPLINE_RANGE[1]):
     """Radial basis exp(-((x - μ_m)/h)^2), G centres μ_m evenly on [lo, hi], h = (hi - lo)/(G - 1)."""
-    mu = torch.linspace(lo, hi, G, dtype=x.dtype, device=x.device)
     h = (hi - lo) / max(G - 1, 1)
-    return torch.exp(-(((x[..., None] - mu) / h) ** 2))
+    return [torch.exp(-((x - mu) / h) ** 2) for mu in torch.linspace(lo, hi, G).tolist()]
 
 
 # Families with per-unit nonlinear parameters are evaluated unit by unit. Wavelets act on
@@ -136,17 +141,19 @@ def shannon(x):
 
 @dataclass(frozen=True)
 class Basis:
-    """A family of units. `expansion` families give features(x, G) -> (..., size(G)) and a unit
+    """A family of units. `expansion` families give features(x, G) -> size(G) maps and a unit
     is Σ_m c_m B_m(x); `unit` families evaluate unit(x, **params) with per-unit parameters.
-    `gain(G)` rescales N(0, 1) coefficients so that one unit's output has unit variance."""
+    `gain(G)` rescales N(0, 1) coefficients so that one unit's output has unit variance;
+    `vjp(x, G, grads)` -> (maps, Σ_m grads_m B_m'(x)), where a closed form beats autograd."""
     fn: Callable
     expansion: bool
     size: Callable = None
     gain: Callable = None
+    vjp: Callable = None
 
 
 BASES = {
-    'fourier': Basis(fourier, True, lambda G: 2 * G, lambda G: G ** -0.5),  # Σ cos² + sin² = G
+    'fourier': Basis(fourier, True, lambda G: 2 * G, lambda G: G ** -0.5, fourier_vjp),  # Σ cos² + sin² = G
     'bspline': Basis(bspline, True, lambda G: G + 3, lambda G: 1.0),        # partition of unity
     'chebyshev': Basis(chebyshev, True, lambda G: G + 1, lambda G: (G + 1) ** -0.5),
     'gaussian': Basis(gaussian, True, lambda G: G, lambda G: 1.0),
@@ -188,6 +195,22 @@ def init_kan(basis, heads, n_out, n_in, G, base, std):
 
 # §2  One Kolmogorov-Arnold layer over a row -------------------------------------------
 
+def expansion_maps(x, basis, G, base):
+    """The maps B_m(x) of an expansion family, and b(x) when there is a base activation."""
+    b = BASE_ACTIVATIONS[base]
+    return basis.fn(x, G) + ([] if b is None else [b(x)])
+
+
+def expansion_coefs(params):
+    """The coefficients C_m (h p q) that go with `expansion_maps`."""
+    return params['coef'].unbind(-1) + ((params['w_base'],) if 'w_base' in params else ())
+
+
+def contract(maps, coefs, mask):
+    """Σ_m (mask ⊙ B_m) C_m^T per head: matmul broadcasts (b h i q) @ (h q p) without copies."""
+    return sum((B if mask is None else B * mask) @ C.mT for B, C in zip(maps, coefs))
+
+
 def kan(x, basis, params, G, base='zero', mask=None):
     """Φ(x)_p = Σ_q m_q φ_pq(x_q) for every row x of a batch, per head.
 
@@ -195,41 +218,65 @@ def kan(x, basis, params, G, base='zero', mask=None):
     so that a masked input contributes exactly zero. Returns (b h i p).
     """
     if basis.expansion:
-        features = basis.fn(x, G)
-        if mask is not None:
-            features = features * mask[..., None]
-        out = einsum(features, params['coef'], 'b h i q m, h p q m -> b h i p')
+        return contract(expansion_maps(x, basis, G, base), expansion_coefs(params), mask)
+    x_, p = rearrange(x, 'b h i q -> b h i 1 q'), {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
+    if basis.fn is rational:
+        phi = rational(x_, p['a'], p['b'])
     else:
-        x_, p = rearrange(x, 'b h i q -> b h i 1 q'), {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
-        if basis.fn is rational:
-            phi = rational(x_, p['a'], p['b'])
-        else:
-            phi = p['w'] * basis.fn((x_ - p['tau']) / p['s'])
-        if mask is not None:
-            phi = phi * rearrange(mask, '... i q -> ... i 1 q')
-        out = phi.sum(-1)
+        phi = p['w'] * basis.fn((x_ - p['tau']) / p['s'])
+    if mask is not None:
+        phi = phi * rearrange(mask, '... i q -> ... i 1 q')
+    out = phi.sum(-1)
     if 'w_base' in params:
         b = BASE_ACTIVATIONS[base](x)
-        if mask is not None:
-            b = b * mask
-        out = out + einsum(b, params['w_base'], 'b h i q, h p q -> b h i p')
+        out = out + einsum(b if mask is None else b * mask, params['w_base'], 'b h i q, h p q -> b h i p')
     return out
+
+
+class RecomputedExpansion(torch.autograd.Function):
+    """`kan` of an expansion family keeping only x for backward, where the maps are recomputed:
+    dC_m = Σ_b (m ⊙ B_m)^T dZ and dx = Σ_m (m ⊙ dZ C_m) ⊙ B_m'(x)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, basis, G, base, *coefs):
+        ctx.save_for_backward(x, mask, *coefs)
+        ctx.basis, ctx.G, ctx.base = basis, G, base
+        return contract(expansion_maps(x, basis, G, base), coefs, mask)
+
+    @staticmethod
+    def backward(ctx, dZ):
+        x, mask, *coefs = ctx.saved_tensors
+        grads = [dZ @ C if mask is None else (dZ @ C) * mask for C in coefs]  # (b h i p) @ (h p q)
+        if ctx.basis.vjp is not None and ctx.base == 'zero':
+            maps, dx = ctx.basis.vjp(x, ctx.G, grads)
+        else:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_()
+                maps = expansion_maps(x, ctx.basis, ctx.G, ctx.base)
+            outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1 is constant
+            dx = torch.autograd.grad(outs, x, gs)[0]
+        dcoefs = [((B if mask is None else B * mask).detach().mT @ dZ).sum(0).mT for B in maps]
+        return dx, None, None, None, None, *dcoefs
 
 
 CHUNK_ELEMENTS = 2 ** 22  # largest per-chunk feature tensor, in elements (16 MB in float32)
 
 
 def kan_rows(x, basis, params, G, base='zero', mask=None, n_out=None):
-    """`kan` over chunks of query rows, each checkpointed: the (b h i q K) features live one
-    chunk at a time and are recomputed in backward, so only x is kept for the gradient."""
+    """`kan` over chunks of query rows whose features are recomputed in backward: the K
+    feature maps (or the (b h i p q) unit values) live one chunk at a time, and only x is
+    kept for the gradient."""
     per_row = x.shape[0] * x.shape[1] * x.shape[-1] * (basis.size(G) if basis.expansion else n_out)
     step = max(1, CHUNK_ELEMENTS // per_row)
-    outs = []
-    for i in range(0, x.shape[2], step):
-        m = None if mask is None else mask[:, :, i:i + step] if mask.shape[2] > 1 else mask
-        f = lambda x, m: kan(x, basis, params, G, base, m)
-        outs.append(checkpoint(f, x[:, :, i:i + step], m, use_reentrant=False) if torch.is_grad_enabled() else f(x[:, :, i:i + step], m))
-    return torch.cat(outs, dim=2)
+    if basis.expansion:
+        layer = lambda x, m: RecomputedExpansion.apply(x, m, basis, G, base, *expansion_coefs(params))
+    elif torch.is_grad_enabled():
+        layer = lambda x, m: checkpoint(kan, x, basis, params, G, base, m, use_reentrant=False)
+    else:
+        layer = lambda x, m: kan(x, basis, params, G, base, m)
+    chunks = [(x[:, :, i:i + step], None if mask is None else mask[:, :, i:i + step] if mask.shape[2] > 1 else mask)
+              for i in range(0, x.shape[2], step)]
+    return torch.cat([layer(*c) for c in chunks], dim=2) if len(chunks) > 1 else layer(*chunks[0])
 
 
 # §3  Attention operators ----------------------------------------------------------------

@@ -11,11 +11,16 @@ The softmax models have exactly the parameters of timm's DeiT/ConViT and torchvi
 """
 import inspect
 import math
+from collections import OrderedDict
 
 import torch
 from einops import einsum, rearrange, repeat
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
 import karat
 
@@ -399,14 +404,16 @@ def architecture_options(cls):
     return [p for p in inspect.signature(cls).parameters if p not in ('make_attend', 'img_size', 'num_classes')]
 
 
-def create_model(name, *, attn='softmax', num_classes=1000, img_size=224, **options):
+def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **options):
     """Build a model by name with the attention `attn` ('softmax' or a basis of karat.BASES).
 
     KArAt options: mode ('blockwise' | 'universal': one operator set per (heads, N), so per
     stage in Swin), grid (G), rank (r; None = full N x N), base, order, simplex, efficient.
     Architecture overrides: patch_size, embed_dim, depth, num_heads, in_chans, drop_path_rate;
     window_size for Swin (whose depth and num_heads are per-stage tuples); locality_strength for
-    ConViT. The call's arguments are kept in `model.config`: create_model(config.pop('name'), **config)."""
+    ConViT. num_classes and img_size default to the model's own: 1000 and 224 for classifiers, see the
+    ViTDet section for detectors. The call's arguments are kept in `model.config`:
+    create_model(config.pop('name'), **config)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
     cls, defaults = MODELS[name]
@@ -416,7 +423,245 @@ def create_model(name, *, attn='softmax', num_classes=1000, img_size=224, **opti
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for {name}; "
                          f"allowed: {', '.join(ATTENTION_OPTIONS + tuple(arch_options))}")
     make_attend = attention_factory(attn, **{k: v for k, v in options.items() if k in ATTENTION_OPTIONS})
-    arch = {**defaults, **{k: v for k, v in options.items() if k in arch_options}}
-    model = cls(make_attend, img_size=img_size, num_classes=num_classes, **arch)
-    model.config = dict(name=name, attn=attn, num_classes=num_classes, img_size=img_size, **options)
+    given = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
+    arch = {'num_classes': 1000, 'img_size': 224, **defaults, **given,
+            **{k: v for k, v in options.items() if k in arch_options}}
+    model = cls(make_attend, **arch)
+    model.config = dict(name=name, attn=attn, num_classes=arch['num_classes'], img_size=arch['img_size'], **options)
     return model
+
+
+# ViTDet ----------------------------------------------------------------------------------
+# Detection and instance segmentation (Li et al. 2022, "Exploring plain vision transformer
+# backbones for object detection"): a plain ViT without CLS token whose blocks attend within
+# windows, a few of them globally, a simple feature pyramid built from its single stride-16
+# map, and torchvision's Mask R-CNN on top. As in torchvision, num_classes counts the
+# background as class 0 (COCO: 91, category ids used as labels).
+
+class ViTDetAttention(Attention):
+    """Attention within non-overlapping window x window windows of a size x size map of tokens
+    (b, H, W, c); window = size is global attention. N = window² keys per window.
+
+    A map that the window does not divide is zero-padded at the bottom and right, as ViTDet
+    does (64 tokens, windows of 14 at 1024 px). ViTDet lets the padding tokens be attended to;
+    here they are masked, since a learnable φ would give them arbitrary (not ~0) weight."""
+
+    def __init__(self, dim, heads, size, window, make_attend):
+        super().__init__(dim, heads, window ** 2, make_attend)
+        self.size, self.window, self.pad = size, window, -size % window
+        self.register_buffer('mask', padding_mask(size, window) if self.pad else None, persistent=False)
+
+    def forward(self, x):
+        x = F.pad(x, (0, 0, 0, self.pad, 0, self.pad))
+        x = shifted_window_attention(x, super().forward, self.window, mask=self.mask)
+        return x[:, :self.size, :self.size]
+
+
+def padding_mask(size, window):
+    """Which keys of each window are real tokens of the size x size map padded to a multiple of
+    the window: (nW, 1, N) bool, the same for every query."""
+    real = torch.arange(size + (-size % window)) < size
+    real = rearrange(real, 'h -> h 1') & rearrange(real, 'w -> 1 w')
+    return rearrange(window_partition(rearrange(real, 'h w -> 1 h w 1'), window), 'n j 1 -> n 1 j')
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (b, c, h, w) map, the norm of ViTDet's pyramid."""
+
+    def forward(self, x):
+        return rearrange(super().forward(rearrange(x, 'b c h w -> b h w c')), 'b h w c -> b c h w')
+
+
+PYRAMID_SCALES = (4, 2, 1, 0.5)  # from the stride-16 map: strides 4, 8, 16, 32 ("0".."3")
+
+
+def pyramid_level(dim, out_channels, scale):
+    """One level of the simple feature pyramid: resample the backbone's map by `scale` (two
+    stride-2 deconvolutions with norm and GELU between them for x4, one for x2, max pooling for
+    1/2), then a 1x1 and a 3x3 convolution to out_channels, each followed by a norm."""
+    resample, channels = {
+        4: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
+             nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)], dim // 4),
+        2: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2),
+        1: ([], dim),
+        0.5: ([nn.MaxPool2d(2)], dim),
+    }[scale]
+    return nn.Sequential(*resample,
+                         nn.Conv2d(channels, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
+
+
+class ViTDetBackbone(nn.Module):
+    """The plain ViT of ViTDet and its simple feature pyramid: (b, 3, img, img) images ->
+    OrderedDict of maps "0".."3" (strides p/4, p/2, p, 2p for patch size p) and "pool" (4p),
+    each with `out_channels` channels, as torchvision's Mask R-CNN expects.
+
+    No CLS token; a learned absolute position embedding at the detector's grid of
+    (img/p)² tokens; blocks in `global_blocks` attend over the whole map (N = grid²), the
+    others within window x window windows (N = window²). No final norm: the pyramid norms."""
+
+    def __init__(self, make_attend, img_size, patch_size, embed_dim, depth, num_heads, window_size,
+                 global_blocks, drop_path_rate, out_channels):
+        super().__init__()
+        check_arch(img_size, patch_size, embed_dim, num_heads)
+        self.img_size, self.grid = img_size, img_size // patch_size
+        if not 1 <= window_size <= self.grid:
+            raise ValueError(f"window_size must be in 1..{self.grid} (the token grid of img_size {img_size} "
+                             f"with patch_size {patch_size}), got {window_size}")
+        if not all(0 <= i < depth for i in global_blocks):
+            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, got {tuple(global_blocks)}")
+        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
+        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, self.grid ** 2, embed_dim), std=0.02))
+        window = lambda i: self.grid if i in global_blocks else window_size
+        rates = drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(Block(embed_dim, ViTDetAttention(embed_dim, num_heads, self.grid, window(i), make_attend), p)
+                                    for i, p in enumerate(rates))
+        self.pyramid = nn.ModuleList(pyramid_level(embed_dim, out_channels, s) for s in PYRAMID_SCALES)
+        self.out_channels = out_channels
+        self.apply(init_weights)
+
+    def forward(self, x):
+        check_size(x, self.img_size, 3)
+        x = rearrange(patch_tokens(self.patch_embed, x) + self.pos_embed, 'b (h w) d -> b h w d', h=self.grid)
+        for block in self.blocks:
+            x = block(x)
+        x = rearrange(x, 'b h w d -> b d h w')
+        features = OrderedDict((str(i), level(x)) for i, level in enumerate(self.pyramid))
+        features['pool'] = F.max_pool2d(features['3'], 1, stride=2)  # torchvision's LastLevelMaxPool
+        return features
+
+
+class ViTDet(MaskRCNN):
+    """ViTDet: `ViTDetBackbone` under torchvision's Mask R-CNN. Train mode: model(images,
+    targets) -> dict of losses; eval mode: model(images) -> [{boxes, labels, scores, masks}].
+    images: list of (3, H, W) floats in [0, 1]; targets: [{boxes (k, 4) xyxy, labels (k,)
+    in 1..num_classes-1, masks (k, H, W)}].
+
+    KArAt needs a fixed N, so every image is resized to fit img_size x img_size (longest side
+    = img_size, min_size = max_size = img_size) and zero-padded to exactly that square
+    (size_divisible = img_size); boxes and masks come back in the input image's coordinates.
+
+    Heads: torchvision's defaults at out_channels = 256 (RPN, two-FC box head of
+    `representation_size`, four-conv mask head), with out_channels channels throughout so that
+    small variants stay small. Anchors: one size per level, `anchor_size` at the finest level,
+    doubling per level (torchvision's 32..512 by default), aspect ratios 0.5, 1, 2.
+    The RPN keeps proposals = (train, test) boxes per level before NMS and per image after it,
+    and `rois_per_image` of them train the box head (torchvision: 2000, 1000 and 512)."""
+
+    def __init__(self, make_attend, img_size=1024, num_classes=91, patch_size=16, embed_dim=768, depth=12,
+                 num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11), drop_path_rate=0.1,
+                 out_channels=256, representation_size=1024, anchor_size=32, rois_per_image=512, proposals=(2000, 1000)):
+        if num_classes < 2:
+            raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+        backbone = ViTDetBackbone(make_attend, img_size, patch_size, embed_dim, depth, num_heads, window_size,
+                                  tuple(global_blocks), drop_path_rate, out_channels)
+        levels = len(PYRAMID_SCALES) + 1
+        super().__init__(
+            backbone, min_size=img_size, max_size=img_size, size_divisible=img_size,
+            rpn_anchor_generator=AnchorGenerator(tuple((anchor_size * 2 ** i,) for i in range(levels)),
+                                                 ((0.5, 1.0, 2.0),) * levels),
+            box_head=TwoMLPHead(out_channels * 7 ** 2, representation_size),
+            box_predictor=FastRCNNPredictor(representation_size, num_classes),
+            rpn_pre_nms_top_n_train=proposals[0], rpn_post_nms_top_n_train=proposals[0],
+            rpn_pre_nms_top_n_test=proposals[1], rpn_post_nms_top_n_test=proposals[1],
+            box_batch_size_per_image=rois_per_image,
+            mask_head=MaskRCNNHeads(out_channels, (out_channels,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(out_channels, out_channels, num_classes))
+
+
+
+# Initialising the backbone from a classifier -----------------------------------------------
+
+WEIGHT_LIKE = ('coef', 'w', 'a', 'w_base', 'W')  # operator tensors that scale a unit's output
+# (tau, s and the rational denominator's b shape it and are only resampled)
+
+
+def key_axes(operator, name):
+    """The axes of operator tensor `name` ('phi.coef', 'W', ...) indexed by key position:
+    both of the full Φ (h, N, N, ...); the input q of Φ̂ (h, r, N, ...) and the N of W (h, N, r)
+    in the W Φ̂ order; the outputs of Φ (h, N, r, ...) and of Φ₂ and the N of W otherwise."""
+    if operator.rank is None:
+        return (1, 2)
+    if name == 'W' or name.startswith('phi2.') or operator.order == 'phi_W':
+        return (1,)
+    return (2,)
+
+
+def resample_keys(t, axis, n, drop_cls=True, mode='bilinear'):
+    """Resample `axis` of t, indexed by the tokens of a square grid of patches (after a leading
+    CLS token, dropped), to a g x g grid of n = g² tokens, by interpolation in 2-D."""
+    t = t.movedim(axis, -1)
+    t = t[..., 1:] if drop_cls else t
+    g_old, g = math.isqrt(t.shape[-1]), math.isqrt(n)
+    if g_old ** 2 != t.shape[-1] or g ** 2 != n:
+        raise ValueError(f"cannot resample {t.shape[-1]} tokens to {n}: both must fill square grids")
+    grid = rearrange(t, '... (h w) -> (...) 1 h w', h=g_old)
+    grid = F.interpolate(grid.float(), size=(g, g), mode=mode, align_corners=False).to(t.dtype)
+    return grid.reshape(*t.shape[:-1], n).movedim(-1, axis)
+
+
+def resample_operator(t, operator, name):
+    """A classifier's KArAt tensor for a detector operator over N' keys (see `load_backbone`)."""
+    for axis in key_axes(operator, name):
+        n_old = t.shape[axis] - 1
+        t = resample_keys(t, axis, operator.seq_len)
+        if name.split('.')[-1] in WEIGHT_LIKE:
+            t = t * (n_old / operator.seq_len)
+    return t
+
+
+def load_backbone(detector, checkpoint):
+    """Initialise a ViTDet's backbone from a ViT classifier: a train.py checkpoint (path or
+    loaded dict, read with weights_only=True) or a bare state_dict. Returns {'missing': ViT keys
+    of the detector left at their init, 'unused': classifier keys not used}; the feature
+    pyramid and the Mask R-CNN heads always keep their init.
+
+    Rule: the patch embedding and every block's norms, qkv, proj and MLP are copied (the
+    classifier needs the detector's embed_dim, depth and heads; its CLS token, final norm and
+    head are unused). The position embedding drops the CLS token and its g x g grid is
+    resized bicubically to the detector's grid (ViTDet's rule).
+    KArAt operators: Φ̂ and W are indexed by key position, and the classifier's N = g² + 1 keys
+    (CLS first) become the detector's N' = window² (window blocks) or grid² (global blocks):
+    along every key-indexed axis (`key_axes`) the CLS entry is dropped, the remaining g x g
+    grid is resized bilinearly to √N' x √N' (bilinear: a convex combination, so learned scales
+    stay positive), and the tensors that scale a unit's output (coefficients, unit weights, W)
+    are multiplied by g²/N' per such axis, so that every sum over keys (Σ_q φ_pq(a_q) and
+    Σ_j σ̂_j V_j) keeps its size, as a Riemann sum of the same integral would. The rank axis r is
+    kept as is. Same grid: the identity, the CLS entry aside. A universal detector operator is
+    written once per block that shares it: load from a classifier of the same mode."""
+    state = checkpoint
+    if not isinstance(state, dict):
+        state = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    if isinstance(state.get('model'), dict):
+        state = state['model']
+    if 'patch_embed.weight' not in state or 'pos_embed' not in state:
+        raise ValueError("not a ViT classifier's weights: no patch_embed.weight or pos_embed")
+    backbone = detector.backbone
+    operators = {name: m for name, m in backbone.named_modules(remove_duplicate=False) if isinstance(m, karat.Operator)}
+    loaded = {}
+    for key, mine in backbone.state_dict().items():
+        if key not in state:
+            continue
+        theirs, owner = state[key], key.rpartition('.attend.operator.')
+        if key == 'pos_embed':
+            theirs = resample_keys(theirs, 1, mine.shape[1], mode='bicubic')
+        elif owner[1]:
+            theirs = resample_operator(theirs, operators[owner[0] + '.attend.operator'], owner[2])
+        if theirs.shape != mine.shape:
+            raise ValueError(f"{key} is {tuple(theirs.shape)} after the rule but the detector's is {tuple(mine.shape)}: "
+                             "the classifier is another architecture (embed_dim, heads, rank or attention)")
+        loaded[key] = theirs
+    backbone.load_state_dict(loaded, strict=False)
+    vit_keys = {k for k in backbone.state_dict() if not k.startswith('pyramid.')}
+    return dict(missing=sorted(vit_keys - set(loaded)), unused=sorted(set(state) - set(loaded)))
+
+MODELS.update({
+    # ViT-B at 1024 px, windows of 14 (the pretraining grid of 224 px), global blocks 2, 5, 8, 11.
+    'vitdet_base': (ViTDet, dict(embed_dim=768, depth=12, num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11),
+                                 drop_path_rate=0.1, img_size=1024, num_classes=91)),
+    # For tests and CPU demos: 8 x 8 tokens at 128 px, windows of 4 (N = 16), every second
+    # block global (N = 64), as ViT-B's every third; 64 channels, anchors from 16 px.
+    'vitdet_tiny': (ViTDet, dict(embed_dim=96, depth=4, num_heads=3, window_size=4, global_blocks=(1, 3),
+                                 drop_path_rate=0.0, img_size=128, num_classes=4, out_channels=64,
+                                 representation_size=256, anchor_size=16, rois_per_image=64, proposals=(300, 100))),
+})

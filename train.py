@@ -6,16 +6,22 @@
     python train.py --dataset svhn --finetune runs/vit_tiny_fourier_imagenet/best.pt
     python train.py --eval-only --resume runs/vit_tiny_fourier_digits/best.pt
     python train.py --benchmark --img-size 224 --patch-size 16 --batch-size 32 --amp
+    python train.py --dataset shapes --model vitdet_tiny --attn fourier  # detection: ViTDet on synthetic shapes
+    python train.py --dataset coco --data-path /data/coco --model vitdet_base --finetune runs/vit_base_fourier_imagenet/best.pt
 
 Every dataset has a default recipe (`DATASETS`): the paper's for the paper's datasets, a light
 one for `digits` and `fake`; any flag given on the command line overrides its entry.
+The vitdet_* models train in a separate detection mode (`coco`, `shapes`): lists of images
+and targets, Mask R-CNN's loss dict, COCO box and mask AP from pycocotools; one process.
 Under `torchrun` (the RANK variable is set) it runs DDP, gloo on CPU and nccl on GPU; rank 0
 alone prints, logs and saves. Checkpoints hold only tensors, numbers, strings and containers
 and are read with torch.load(weights_only=True), so loading one never runs code.
 """
 import argparse
+import contextlib
 import copy
 import ctypes
+import io
 import json
 import math
 import os
@@ -26,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -78,6 +85,16 @@ DATASETS = {
     'digits': Data(dict(LIGHT, img_size=8, patch_size=2, epochs=30, batch_size=32, lr=5e-4,
                         warmup_epochs=2, augment='none'), 10,
                    stats=((0.305,) * 3, (0.376,) * 3), hflip=False),
+}
+# Detection (ViTDet's recipe: AdamW, lr 1e-4, wd 0.1, 1024 px; no augmentation here). `classes`
+# counts the background: COCO's category ids 1..90 are the labels, so 91.
+DETECTION = dict(PAPER, img_size=1024, epochs=12, batch_size=4, lr=1e-4, min_lr=0.0, warmup_epochs=0.25,
+                 warmup_lr=1e-7, weight_decay=0.1, opt_eps=1e-8, smoothing=0.0, augment='none', mixup=0.0,
+                 cutmix=0.0, ema=0.0, workers=4)
+DATASETS |= {
+    'coco': Data(DETECTION),
+    'shapes': Data(dict(DETECTION, img_size=128, epochs=1, lr=1e-3, warmup_epochs=0.1, weight_decay=0.05, workers=0),
+                   4, sizes={'train': 1000, 'test': 100}),
 }
 ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size', 'drop_path_rate')
 
@@ -165,6 +182,9 @@ def parse_args(argv=None):
     for key, value in DATASETS[args.dataset].recipe.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if is_detection(args) != args.model.startswith('vitdet'):
+        p.error(f"the vitdet_* models train on the detection datasets {', '.join(DETECTION_DATASETS)} and only there; "
+                f"got --model {args.model} with --dataset {args.dataset}")
     if args.eval_only and not args.resume:
         p.error('--eval-only evaluates the checkpoint given by --resume PATH')
     if args.resume and args.finetune:
@@ -599,6 +619,297 @@ def train(args):
     fit(run, train_loader, test_loader, out, start_epoch, best, history)
 
 
+# Detection (ViTDet + Mask R-CNN) ------------------------------------------------------------
+# A separate mode for the vitdet_* models: its own data (COCO-format folders, synthetic shapes),
+# batches of (images, targets) lists, a loss dict instead of a cross-entropy, and COCO box and
+# mask AP instead of top-1.
+
+class Shapes(Dataset):
+    """Offline synthetic instance segmentation: 1..max_shapes rectangles, ellipses and triangles
+    of random colours and sizes on a noise background, not overlapping (so every mask is the
+    whole shape). Item i is always the same image (seeded by seed and i): (image (3, S, S) in
+    [0, 1], target {boxes (k, 4) xyxy, labels (k,) in 1..3, masks (k, S, S) uint8, image_id}),
+    each box the bounding box of its mask, pixel edges included (x2 = last column + 1)."""
+    CLASSES = ('background', 'rectangle', 'ellipse', 'triangle')
+
+    def __init__(self, size, img_size=128, max_shapes=3, seed=0):
+        self.size, self.img_size, self.max_shapes, self.seed = size, img_size, max_shapes, seed
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(f"item {i} of a dataset of {self.size}")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        rand = lambda *shape: torch.rand(*shape, generator=g)
+        S = self.img_size
+        image = 0.5 * rand(3, 1, 1) + 0.25 * rand(3, S, S)
+        y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing='ij')
+        masks, labels = [], []
+        for _ in range(int(rand(1) * self.max_shapes) + 1):
+            for _ in range(20):  # a few tries to place the shape apart from the others
+                label, mask = shape_mask(x, y, S, rand)
+                if not any((mask & m).any() for m in dilate(masks)):
+                    break
+            else:
+                continue
+            image = torch.where(mask, 0.35 + 0.65 * rand(3, 1, 1), image)
+            masks.append(mask)
+            labels.append(label)
+        masks = torch.stack(masks).to(torch.uint8)
+        return image, dict(boxes=mask_boxes(masks), labels=torch.tensor(labels), masks=masks, image_id=i)
+
+
+def shape_mask(x, y, S, rand):
+    """A random shape on the pixel centres (x, y) of an S x S image: (label, bool mask)."""
+    label = int(rand(1) * 3) + 1
+    w, h = (S * (0.12 + 0.22 * rand(2))).tolist()
+    cx, cy = (w / 2 + (S - w) * rand(1)).item(), (h / 2 + (S - h) * rand(1)).item()
+    u, v = (x - cx) / (w / 2), (y - cy) / (h / 2)  # the shape's box is [-1, 1]²
+    if label == 1:
+        return label, (u.abs() <= 1) & (v.abs() <= 1)
+    if label == 2:
+        return label, u ** 2 + v ** 2 <= 1
+    v = v if rand(1) < 0.5 else -v  # apex up or down
+    return label, (v.abs() <= 1) & (u.abs() <= (v + 1) / 2)
+
+
+def dilate(masks, pixels=2):
+    return [torch.nn.functional.max_pool2d(m[None].float(), 2 * pixels + 1, 1, pixels)[0].bool() for m in masks]
+
+
+def mask_boxes(masks):
+    """Bounding boxes (k, 4) xyxy of masks (k, H, W), pixel edges included."""
+    boxes = []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        boxes.append(torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]))
+    return torch.stack(boxes).float() if boxes else torch.zeros(0, 4)
+
+
+class CocoInstances(Dataset):
+    """torchvision's CocoDetection as Mask R-CNN wants it: (image (3, H, W) in [0, 1], target
+    {boxes xyxy, labels = category ids, masks (k, H, W) uint8, image_id}). Crowd regions and
+    boxes under a pixel wide are dropped from the targets, as torchvision's references do; the
+    evaluation scores against the full annotation file (`.coco`), crowds included."""
+
+    def __init__(self, images, annotations):
+        self.data = tvd.CocoDetection(str(images), str(annotations))
+        self.coco = self.data.coco
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        image, anns = self.data[i]
+        anns = [a for a in anns if not a.get('iscrowd', 0) and a['bbox'][2] >= 1 and a['bbox'][3] >= 1]
+        w, h = image.size
+        boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        masks = [torch.from_numpy(self.coco.annToMask(a)) for a in anns]
+        return v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True), dict(
+            boxes=boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h])), labels=torch.tensor([a['category_id'] for a in anns]),
+            masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8), image_id=self.data.ids[i])
+
+
+DETECTION_DATASETS = ('coco', 'shapes')
+
+
+def is_detection(args):
+    return args.dataset in DETECTION_DATASETS
+
+
+def coco_split(root, split):
+    """COCO's layout: <root>/{train,val}2017/ images, <root>/annotations/instances_{split}2017.json."""
+    images, annotations = Path(root) / f'{split}2017', Path(root) / 'annotations' / f'instances_{split}2017.json'
+    if not (images.is_dir() and annotations.is_file()):
+        raise Fatal(f"no COCO {split} split under {root!r}: --data-path must hold {split}2017/ and "
+                    f"annotations/instances_{split}2017.json")
+    return CocoInstances(images, annotations)
+
+
+def detection_datasets(args):
+    """(train, test, classes with the background, category names by label)."""
+    if args.dataset == 'shapes':
+        sizes = DATASETS['shapes'].sizes
+        train_set, test_set = (Shapes(sizes[k], args.img_size, seed=seed) for k, seed in (('train', 0), ('test', 1)))
+        names = list(Shapes.CLASSES)
+    else:
+        train_set, test_set = coco_split(args.data_path, 'train'), coco_split(args.data_path, 'val')
+        categories = test_set.coco.loadCats(test_set.coco.getCatIds())
+        names = ['background'] + [''] * max(c['id'] for c in categories)
+        for c in categories:
+            names[c['id']] = c['name']
+    if args.limit:
+        train_set, test_set = Subset(train_set, range(min(args.limit, len(train_set)))), \
+            Subset(test_set, range(min(args.limit, len(test_set))))
+    return train_set, test_set, len(names), names
+
+
+def collate_detection(batch):
+    return tuple(zip(*batch))
+
+
+def detection_step(model, optimizer, images, targets, clip_grad=1.0, device='cpu'):
+    """One training step on lists of images and targets: the loss dict as floats, with 'loss'."""
+    model.train()
+    to = lambda v: v.to(device) if torch.is_tensor(v) else v
+    losses = model([im.to(device) for im in images], [{k: to(v) for k, v in t.items()} for t in targets])
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"non-finite detection loss: {({k: v.item() for k, v in losses.items()})}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad or math.inf)
+    optimizer.step()
+    return dict({k: v.item() for k, v in losses.items()}, loss=loss.item())
+
+
+# COCO evaluation: pycocotools is the reference implementation every detection paper reports.
+
+def coco_ground_truth(dataset, categories):
+    """A pycocotools COCO index of a dataset's targets (for data without a COCO file)."""
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+    images, annotations = [], []
+    for i in range(len(dataset)):
+        target = dataset[i][1]
+        h, w = target['masks'].shape[-2:]
+        images.append(dict(id=target['image_id'], height=h, width=w))
+        for box, label, rle in zip(target['boxes'].tolist(), target['labels'].tolist(), encode_masks(target['masks'])):
+            annotations.append(dict(id=len(annotations) + 1, image_id=target['image_id'], category_id=label,
+                                    bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                    area=float(mask_utils.area(rle)), iscrowd=0, segmentation=rle))
+    coco = COCO()
+    coco.dataset = dict(images=images, annotations=annotations,
+                        categories=[dict(id=i, name=n) for i, n in enumerate(categories) if i])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def encode_masks(masks):
+    """Run-length encodings of binary masks (k, H, W), as COCO stores them."""
+    from pycocotools import mask as mask_utils
+    return mask_utils.encode(np.asfortranarray(masks.to(torch.uint8).permute(1, 2, 0).numpy()))
+
+
+@torch.no_grad()
+def evaluate_detection(model, loader, coco_gt, device='cpu'):
+    """COCO box and mask AP (IoU 0.5:0.95, and at 0.5) in percent, from pycocotools."""
+    from pycocotools.cocoeval import COCOeval
+    model.eval()
+    results, image_ids = {'bbox': [], 'segm': []}, []
+    for images, targets in loader:
+        outputs = model([im.to(device) for im in images])
+        for target, out in zip(targets, outputs):
+            image_ids.append(int(target['image_id']))
+            boxes = out['boxes'].cpu()
+            rles = encode_masks(out['masks'][:, 0].cpu() > 0.5) if len(boxes) else []
+            for box, label, score, rle in zip(boxes.tolist(), out['labels'].tolist(), out['scores'].tolist(), rles):
+                found = dict(image_id=image_ids[-1], category_id=label, score=score)
+                results['bbox'].append(dict(found, bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]]))
+                results['segm'].append(dict(found, segmentation=rle))
+    metrics = {}
+    for kind, iou_type in (('box', 'bbox'), ('mask', 'segm')):
+        stats = [0.0, 0.0]
+        if results[iou_type]:
+            with contextlib.redirect_stdout(io.StringIO()):
+                ev = COCOeval(coco_gt, coco_gt.loadRes(results[iou_type]), iou_type)
+                ev.params.imgIds = image_ids
+                ev.evaluate()
+                ev.accumulate()
+                ev.summarize()
+            stats = [max(s, 0.0) for s in ev.stats[:2]]  # -1: no ground truth to score
+        metrics.update({f'{kind}_ap': 100 * float(stats[0]), f'{kind}_ap50': 100 * float(stats[1])})
+    return metrics
+
+
+
+def ground_truth(dataset, names):
+    """The COCO index to score against: the annotation file if there is one, else the targets."""
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return base.coco if hasattr(base, 'coco') else coco_ground_truth(dataset, names)
+
+
+def train_detection(args):
+    """The detection mode of train.py: train a vitdet_* model (its backbone optionally from a
+    classifier checkpoint, --finetune), evaluate box and mask AP after every epoch, keep
+    last.pt and best.pt (by box AP) and log.jsonl; --eval-only --resume PATH evaluates."""
+    if 'RANK' in os.environ:
+        raise Fatal("the detection mode runs in one process: start it with python, not torchrun")
+    device = torch.device(args.device)
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt:
+        args.img_size = ckpt['config']['img_size']
+    train_set, test_set, classes, names = detection_datasets(args)
+    torch.manual_seed(args.seed)
+    config = ckpt['config'] if ckpt else model_config(args, classes)
+    if config['num_classes'] != classes:
+        raise Fatal(f"{args.resume} detects {config['num_classes'] - 1} classes, {args.dataset} has {classes - 1}")
+    model = build_model(config)
+    if ckpt:
+        load_weights(model, ckpt['model'], args.resume, config)
+    elif args.finetune:
+        try:
+            report = models.load_backbone(model, load_checkpoint(args.finetune)['model'])
+        except ValueError as e:
+            raise Fatal(f"cannot initialise the backbone from {args.finetune}: {e}") from None
+        print(f"backbone from {args.finetune}; left at init: {', '.join(report['missing']) or 'nothing'}", flush=True)
+    model.to(device)
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=args.seed)
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers, collate_fn=collate_detection)
+    train_loader, test_loader = DataLoader(train_set, sampler=sampler, **kw), DataLoader(test_set, **kw)
+    gt = ground_truth(test_set, names)
+    if args.eval_only:
+        print(json.dumps(dict(checkpoint=args.resume, dataset=args.dataset, **evaluate_detection(model, test_loader, gt, device))))
+        return
+    optimizer = optimizer_for(model, args)
+    out = Path(args.output_dir or (Path(args.resume).parent if args.resume else
+                                   Path('runs') / f"{args.model}_{args.attn}_{args.dataset}"))
+    start_epoch, step, best, history = 0, 0, -1.0, []
+    if ckpt:
+        optimizer.load_state_dict(ckpt['optimizer'])
+        start_epoch, step, best, history = ckpt['epoch'], ckpt['step'], ckpt['best_box_ap'], list(ckpt['history'])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / 'args.json').write_text(json.dumps(vars(args), indent=2) + '\n')
+    (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
+    print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters; {args.dataset}: "
+          f"{len(train_set)} train / {len(test_set)} test images, {classes - 1} classes + background", flush=True)
+    for epoch in range(start_epoch, args.epochs):
+        seed_epoch(args.seed, epoch, 0)
+        sampler.set_epoch(epoch)
+        tic, losses = time.time(), []
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=None)  # None: terminals only
+        for images, targets in bar:
+            lr = learning_rate(step, args, len(train_loader))
+            for group in optimizer.param_groups:
+                group['lr'] = lr
+            try:
+                losses.append(detection_step(model, optimizer, images, targets, args.clip_grad, device))
+            except FloatingPointError as e:
+                kept = f"{out / 'last.pt'} (epoch {epoch}) is intact" if epoch else "no checkpoint was written"
+                raise Fatal(f"{e} at step {step + 1}; stopping, {kept}") from None
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.3f}")
+        row = dict(epoch=epoch + 1, **{('train_' + k if k == 'loss' else k): sum(l[k] for l in losses) / len(losses)
+                                       for k in losses[0]},
+                   **evaluate_detection(model, test_loader, gt, device), lr=lr, epoch_time=time.time() - tic)
+        history.append(row)
+        improved, best = row['box_ap'] > best, max(best, row['box_ap'])
+        state = dict(model=model.state_dict(), config=config, optimizer=optimizer.state_dict(), epoch=epoch + 1,
+                     step=step, best_box_ap=best, history=history, args=vars(args))
+        save_atomic(state, out / 'last.pt')
+        if improved:
+            save_atomic(state, out / 'best.pt')
+        with open(out / 'log.jsonl', 'a') as f:
+            f.write(json.dumps(row) + '\n')
+        print(f"epoch {epoch + 1}/{args.epochs}  train_loss {row['train_loss']:.4f}  box AP {row['box_ap']:.2f}  "
+              f"(AP50 {row['box_ap50']:.2f})  mask AP {row['mask_ap']:.2f} (AP50 {row['mask_ap50']:.2f})  "
+              f"lr {lr:.2e}  {row['epoch_time']:.1f}s", flush=True)
+    print(f"best box AP {best:.2f}; checkpoints and log.jsonl in {out}")
+
 # Benchmark --------------------------------------------------------------------------------------
 
 def rss_kib(field):
@@ -663,6 +974,8 @@ def main(argv=None):
         args = parse_args(argv)
         if args.benchmark:
             benchmark(args)
+        elif is_detection(args):
+            train_detection(args)
         else:
             train(args)
     except Fatal as e:

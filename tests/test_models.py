@@ -123,7 +123,7 @@ ZERO_GRADIENT = ('pos_proj.bias',)
 
 @pytest.mark.parametrize('mode', karat.MODES)
 @pytest.mark.parametrize('attn', ['softmax', 'fourier'])
-@pytest.mark.parametrize('name', models.list_models())
+@pytest.mark.parametrize('name', [m for m in models.list_models() if not m.startswith('vitdet')])  # detectors: test_detection.py
 def test_every_model_runs_forward_and_backward_with_gradients_reaching_every_parameter(name, attn, mode):
     model = small(name, attn, mode=mode)
     loss = torch.nn.functional.cross_entropy(model(images()), torch.tensor([1, 7]))
