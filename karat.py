@@ -241,21 +241,25 @@ class RecomputedExpansion(torch.autograd.Function):
     def forward(ctx, x, mask, basis, G, base, *coefs):
         ctx.save_for_backward(x, mask, *coefs)
         ctx.basis, ctx.G, ctx.base = basis, G, base
+        device = x.device.type  # backward runs outside autocast: it re-enters the forward's state
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
         return contract(expansion_maps(x, basis, G, base), coefs, mask)
 
     @staticmethod
     def backward(ctx, dZ):
         x, mask, *coefs = ctx.saved_tensors
-        grads = [dZ @ C if mask is None else (dZ @ C) * mask for C in coefs]  # (b h i p) @ (h p q)
-        if ctx.basis.vjp is not None and ctx.base == 'zero':
-            maps, dx = ctx.basis.vjp(x, ctx.G, grads)
-        else:
-            with torch.enable_grad():
-                x = x.detach().requires_grad_()
-                maps = expansion_maps(x, ctx.basis, ctx.G, ctx.base)
-            outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1 is constant
-            dx = torch.autograd.grad(outs, x, gs)[0]
-        dcoefs = [((B if mask is None else B * mask).detach().mT @ dZ).sum(0).mT for B in maps]
+        with torch.autocast(**ctx.autocast):
+            grads = [dZ @ C if mask is None else (dZ @ C) * mask for C in coefs]  # (b h i p) @ (h p q)
+            if ctx.basis.vjp is not None and ctx.base == 'zero':
+                maps, dx = ctx.basis.vjp(x, ctx.G, grads)
+            else:
+                with torch.enable_grad():
+                    x = x.detach().requires_grad_()
+                    maps = expansion_maps(x, ctx.basis, ctx.G, ctx.base)
+                outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1 is constant
+                dx = torch.autograd.grad(outs, x, gs)[0]
+            dcoefs = [((B if mask is None else B * mask).detach().mT @ dZ).sum(0).mT for B in maps]
         return dx, None, None, None, None, *dcoefs
 
 

@@ -178,6 +178,8 @@ def parse_args(argv=None):
     g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
     g.add_argument('--benchmark', action='store_true', help='time train steps on synthetic batches, print one JSON line')
     g.add_argument('--bench-steps', type=int, default=20)
+    g.add_argument('--compare', action='store_true',
+                   help='with --benchmark: also softmax and the naive formula, steps interleaved, one line each')
     args = p.parse_args(argv)
     for key, value in DATASETS[args.dataset].recipe.items():
         if getattr(args, key) is None:
@@ -912,61 +914,101 @@ def train_detection(args):
 
 # Benchmark --------------------------------------------------------------------------------------
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
 def rss_kib(field):
     return int(re.search(rf'{field}:\s+(\d+)', Path('/proc/self/status').read_text()).group(1))
 
 
+def memory_now(cuda, device):
+    """MiB in use: allocated on the GPU, the resident set on a CPU."""
+    return torch.cuda.memory_allocated(device) / 2 ** 20 if cuda else rss_kib('VmRSS') / 1024
+
+
+def peak_memory(cuda, device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else rss_kib('VmHWM') / 1024
+
+
+def reset_peak_memory(cuda, device):
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path('/proc/self/clear_refs').write_text('5')
+
+
 def benchmark(args):
-    """Median time of a train step (forward, backward, AdamW) on random images, then its peak
-    memory over a few more steps. GPU: torch.cuda.max_memory_allocated. CPU: the peak resident
-    set (VmHWM, reset by writing 5 to /proc/self/clear_refs) minus the resident set before the
-    model was built, with glibc told, for those steps, to hand every freed block of 64 KiB or
-    more back to the OS so that freed tensors leave the resident set. Both count weights,
-    gradients, optimiser state and activations."""
+    """Peak memory and median time of a train step (forward, backward, AdamW) on random images.
+
+    With --compare, softmax and the naive formula run beside the model in the same process:
+    each is built and its memory measured in turn, then their timed steps are interleaved, so
+    that a machine whose speed drifts slows all of them alike. Peak memory counts weights,
+    gradients, optimiser state and activations: the growth from just before the model was
+    built to the peak of two steps (GPU: torch.cuda.max_memory_allocated; CPU: the resident
+    set's high-water mark, VmHWM, reset through /proc/self/clear_refs). On a CPU glibc first
+    serves every block of 64 KiB or more with a mapping of its own, so that a freed tensor
+    leaves the resident set at once (by default freed blocks stay in the heap, and the peak
+    would measure fragmentation); for the timed steps the threshold goes to 32 MiB, glibc's own
+    steady state."""
+    if args.compare and args.attn == 'softmax':
+        raise Fatal("--compare sets KArAt (--attn, a basis) beside softmax; got --attn softmax")
     device, cuda = torch.device(args.device), args.device.startswith('cuda')
-    proc = not cuda and Path('/proc/self/clear_refs').exists()
-    before = rss_kib('VmRSS') if proc else 0
-    torch.manual_seed(args.seed)
+    measured = cuda or Path('/proc/self/clear_refs').exists()  # CPU memory is read from Linux's /proc
+    libc = None if cuda or not measured else ctypes.CDLL('libc.so.6')
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    variants = [('softmax', False), (args.attn, False), (args.attn, True)] if args.compare else [(args.attn, args.naive)]
     classes = DATASETS[args.dataset].classes or 1000
-    model = build_model(model_config(args, classes)).to(device)
-    step_model = torch.compile(model) if args.compile else model
-    optimizer = optimizer_for(model, args)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, classes, (args.batch_size,), device=device)
+    def build_and_measure(attn, naive):
+        before = memory_now(cuda, device) if measured else None
+        torch.manual_seed(args.seed)
+        model = build_model(model_config(argparse.Namespace(**vars(args) | dict(attn=attn, naive=naive)), classes))
+        model = model.to(device)
+        step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
+                          images, labels, args.amp, cuda)
+        for _ in range(3):
+            step()
+        if measured:
+            reset_peak_memory(cuda, device)
+        for _ in range(2):
+            step()
+        return dict(attn=attn, naive=naive, step=step, patch_size=model.config.get('patch_size'),
+                    peak=peak_memory(cuda, device) - before if measured else None, times=[])
 
+    build_and_measure(*variants[0])  # discarded: it pays the one-time costs (thread pools, workspaces)
+    runs = [build_and_measure(*v) for v in variants]
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2 ** 20)
+    for run in runs:
+        run['step']()
+    for _ in range(args.bench_steps):
+        for run in runs:
+            tic = time.perf_counter()
+            run['step']()
+            run['times'].append(time.perf_counter() - tic)
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    for run in runs:
+        print(json.dumps(dict(model=args.model, attn=run['attn'], naive=run['naive'], device=name,
+                              batch=args.batch_size, img_size=args.img_size, patch_size=run['patch_size'],
+                              amp=args.amp, compile=args.compile,
+                              img_per_s=round(args.batch_size * len(run['times']) / sum(run['times']), 2),
+                              step_ms=round(1000 * statistics.median(run['times']), 2),
+                              peak_mem_mb=run['peak'] and round(run['peak'], 1), steps=len(run['times']))))
+
+
+def train_step(model, optimizer, images, labels, amp, cuda):
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(step_model(images).float(), labels)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(images).float(), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if cuda:
             torch.cuda.synchronize()
-
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(args.bench_steps):
-        tic = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - tic)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    elif proc:
-        libc = ctypes.CDLL('libc.so.6')
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD, fixed (no longer adaptive)
-        libc.malloc_trim(0)
-        Path('/proc/self/clear_refs').write_text('5')
-    for _ in range(2):
-        step()
-    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else
-            (rss_kib('VmHWM') - before) / 1024 if proc else None)
-    name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
-    print(json.dumps(dict(model=args.model, attn=args.attn, naive=args.naive, device=name, batch=args.batch_size,
-                          img_size=args.img_size, patch_size=model.config.get('patch_size'), amp=args.amp,
-                          compile=args.compile, img_per_s=round(args.batch_size * len(times) / sum(times), 2),
-                          step_ms=round(1000 * statistics.median(times), 2),
-                          peak_mem_mb=None if peak is None else round(peak, 1), steps=len(times))))
+    return step
 
 
 def main(argv=None):
