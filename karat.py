@@ -31,8 +31,9 @@ from torch.utils.checkpoint import checkpoint
 # §1  Basis families -------------------------------------------------------------------
 # Linear-in-coefficients families map x to K feature maps B_m(x), each shaped like x; a
 # unit is then one contraction with its coefficients. A list rather than one stacked
-# (..., K) tensor: each map feeds its own matmul without a copy, twice as fast on a CPU. Logits are unbounded, so every family is defined on
-# all of R: grids clamp, Chebyshev squashes with tanh, Fourier is periodic.
+# (..., K) tensor: each map feeds its own matmul without a copy, twice as fast on a CPU.
+# Logits are unbounded, so every family is defined on all of R: grids clamp, Chebyshev
+# squashes with tanh, Fourier is periodic.
 
 SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logits of a
 # trained ViT mostly lie within ±4; beyond it a spline extrapolates as a constant.

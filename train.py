@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet --data-path /data/imagenet
     python train.py --dataset svhn --finetune runs/vit_tiny_fourier_imagenet/best.pt
     python train.py --eval-only --resume runs/vit_tiny_fourier_digits/best.pt
-    python train.py --benchmark --img-size 224 --patch-size 16 --batch-size 32 --amp
+    python train.py --benchmark --compare --img-size 224 --patch-size 16 --batch-size 32 --amp  # vs softmax, naive
     python train.py --dataset shapes --model vitdet_tiny --attn fourier  # detection: ViTDet on synthetic shapes
     python train.py --dataset coco --data-path /data/coco --model vitdet_base --finetune runs/vit_base_fourier_imagenet/best.pt
 
