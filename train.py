@@ -937,6 +937,19 @@ def reset_peak_memory(cuda, device):
         Path('/proc/self/clear_refs').write_text('5')
 
 
+def train_step(model, optimizer, images, labels, amp, cuda):
+    """One train step on a fixed batch, as a closure for the benchmark to call."""
+    def step():
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = F.cross_entropy(model(images).float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+    return step
+
+
 def benchmark(args):
     """Peak memory and median time of a train step (forward, backward, AdamW) on random images.
 
@@ -961,6 +974,7 @@ def benchmark(args):
     classes = DATASETS[args.dataset].classes or 1000
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, classes, (args.batch_size,), device=device)
+
     def build_and_measure(attn, naive):
         before = memory_now(cuda, device) if measured else None
         torch.manual_seed(args.seed)
@@ -996,19 +1010,7 @@ def benchmark(args):
                               amp=args.amp, compile=args.compile,
                               img_per_s=round(args.batch_size * len(run['times']) / sum(run['times']), 2),
                               step_ms=round(1000 * statistics.median(run['times']), 2),
-                              peak_mem_mb=run['peak'] and round(run['peak'], 1), steps=len(run['times']))))
-
-
-def train_step(model, optimizer, images, labels, amp, cuda):
-    def step():
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(model(images).float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
-    return step
+                              peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1), steps=len(run['times']))))
 
 
 def main(argv=None):
