@@ -311,6 +311,19 @@ def build_model(config):
         raise Fatal(f"cannot build the model: {e}", code=2) from None
 
 
+def restore_or_build(args, ckpt, classes, mismatch):
+    """The checkpoint's model with its weights, or a new one from the flags (seeded); a
+    checkpoint with another number of classes is refused with mismatch(its classes)."""
+    torch.manual_seed(args.seed)
+    config = ckpt['config'] if ckpt else model_config(args, classes)
+    if config['num_classes'] != classes:
+        raise Fatal(mismatch(config['num_classes']))
+    model = build_model(config)
+    if ckpt:
+        load_weights(model, ckpt['model'], args.resume, config)
+    return model
+
+
 def save_atomic(obj, path):
     """Write to a temporary file in the same folder, then rename over `path`: a kill at any
     moment leaves either the old file or the new one, never a torn one."""
@@ -573,14 +586,9 @@ def train(args):
         dist.barrier()
         if rank > 0:
             train_set, test_set, classes = build_datasets(args, img_size)
-    torch.manual_seed(args.seed)
-    config = ckpt['config'] if ckpt else model_config(args, classes)
-    if config['num_classes'] != classes:
-        raise Fatal(f"{args.resume} has {config['num_classes']} classes, {args.dataset} has {classes}: use --finetune")
-    raw = build_model(config)
-    if ckpt:
-        load_weights(raw, ckpt['model'], args.resume, config)
-    elif args.finetune:
+    raw = restore_or_build(args, ckpt, classes,
+                           lambda n: f"{args.resume} has {n} classes, {args.dataset} has {classes}: use --finetune")
+    if args.finetune and not ckpt:
         finetune_from(raw, args.finetune)
     raw.to(args.device)
     fast = torch.compile(raw) if args.compile else raw
@@ -593,7 +601,7 @@ def train(args):
         stats = evaluate(run, run.fast, test_loader)
         if ckpt.get('ema') is not None:
             ema = EMA(raw, 0.0)
-            load_weights(ema.model, ckpt['ema'], args.resume, config)
+            load_weights(ema.model, ckpt['ema'], args.resume, raw.config)
             stats |= evaluate(run, ema.model, test_loader, prefix='ema_test')
         if rank == 0:
             print(json.dumps(dict(checkpoint=args.resume, dataset=args.dataset, **stats)))
@@ -616,7 +624,7 @@ def train(args):
         # the log is rewritten from the checkpoint, so a kill between checkpoint and log loses nothing
         (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
         n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{describe(config)}: {n_params:,} parameters; {args.dataset}: {len(train_set)} train / "
+        print(f"{describe(raw.config)}: {n_params:,} parameters; {args.dataset}: {len(train_set)} train / "
               f"{len(test_set)} test images, {classes} classes; {world} process(es) on {args.device}", flush=True)
     fit(run, train_loader, test_loader, out, start_epoch, best, history)
 
@@ -846,14 +854,9 @@ def train_detection(args):
     if ckpt:
         args.img_size = ckpt['config']['img_size']
     train_set, test_set, classes, names = detection_datasets(args)
-    torch.manual_seed(args.seed)
-    config = ckpt['config'] if ckpt else model_config(args, classes)
-    if config['num_classes'] != classes:
-        raise Fatal(f"{args.resume} detects {config['num_classes'] - 1} classes, {args.dataset} has {classes - 1}")
-    model = build_model(config)
-    if ckpt:
-        load_weights(model, ckpt['model'], args.resume, config)
-    elif args.finetune:
+    model = restore_or_build(args, ckpt, classes,
+                             lambda n: f"{args.resume} detects {n - 1} classes, {args.dataset} has {classes - 1}")
+    if args.finetune and not ckpt:
         try:
             report = models.load_backbone(model, load_checkpoint(args.finetune)['model'])
         except ValueError as e:
@@ -877,7 +880,7 @@ def train_detection(args):
     out.mkdir(parents=True, exist_ok=True)
     (out / 'args.json').write_text(json.dumps(vars(args), indent=2) + '\n')
     (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
-    print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters; {args.dataset}: "
+    print(f"{describe(model.config)}: {sum(p.numel() for p in model.parameters()):,} parameters; {args.dataset}: "
           f"{len(train_set)} train / {len(test_set)} test images, {classes - 1} classes + background", flush=True)
     for epoch in range(start_epoch, args.epochs):
         seed_epoch(args.seed, epoch, 0)
@@ -900,7 +903,7 @@ def train_detection(args):
                    **evaluate_detection(model, test_loader, gt, device), lr=lr, epoch_time=time.time() - tic)
         history.append(row)
         improved, best = row['box_ap'] > best, max(best, row['box_ap'])
-        state = dict(model=model.state_dict(), config=config, optimizer=optimizer.state_dict(), epoch=epoch + 1,
+        state = dict(model=model.state_dict(), config=model.config, optimizer=optimizer.state_dict(), epoch=epoch + 1,
                      step=step, best_box_ap=best, history=history, args=vars(args))
         save_atomic(state, out / 'last.pt')
         if improved:
