@@ -1,5 +1,6 @@
 """ViTDet with KArAt on torchvision's Mask R-CNN: the detector, its backbone's init from a
-classifier, the synthetic shapes, the COCO evaluation and train.py's detection mode."""
+classifier, the synthetic shapes, the COCO evaluation (detection.py) and detection in train.py:
+one process, torchrun, exact resume."""
 import json
 import pytest
 import torch
@@ -7,9 +8,11 @@ from einops import rearrange
 from PIL import Image
 from torch.utils.data import DataLoader
 
+import detection
 import karat
 import models
 import train
+from test_train import DIE_AFTER_SAVE, assert_same_run, log, python
 
 LOSSES = {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'}
 
@@ -27,8 +30,8 @@ def classifier(attn='softmax', **options):
 
 
 def batch(n=2, seed=0, img_size=128):
-    data = train.Shapes(n, img_size=img_size, seed=seed)
-    return train.collate_detection([data[i] for i in range(n)])
+    data = detection.Shapes(n, img_size=img_size, seed=seed)
+    return detection.collate_detection([data[i] for i in range(n)])
 
 
 # The detector ------------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def test_load_backbone_reads_a_train_checkpoint_file_and_rejects_other_architect
 # Data and evaluation -------------------------------------------------------------------------
 
 def test_shapes_boxes_are_exactly_their_masks_bounding_boxes():
-    data = train.Shapes(40, img_size=96, seed=3)
+    data = detection.Shapes(40, img_size=96, seed=3)
     for i in range(len(data)):
         image, target = data[i]
         masks, boxes = target['masks'], target['boxes']
@@ -190,7 +193,7 @@ def test_shapes_boxes_are_exactly_their_masks_bounding_boxes():
         for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
             assert m[y1:y2, x1:x2].sum() == m.sum()  # the box holds the whole mask
             assert m[y1].any() and m[y2 - 1].any() and m[:, x1].any() and m[:, x2 - 1].any()  # and no more
-    assert torch.equal(data[5][0], data[5][0]) and not torch.equal(data[5][0], train.Shapes(40, 96, seed=4)[5][0])
+    assert torch.equal(data[5][0], data[5][0]) and not torch.equal(data[5][0], detection.Shapes(40, 96, seed=4)[5][0])
 
 
 class Oracle(torch.nn.Module):
@@ -207,12 +210,12 @@ class Oracle(torch.nn.Module):
 
 
 def test_coco_evaluation_gives_100_ap_for_the_ground_truth_and_less_for_shifted_boxes():
-    data = train.Shapes(6, img_size=64, seed=2)
-    gt = train.coco_ground_truth(data, train.Shapes.CLASSES)
-    loader = DataLoader(data, batch_size=4, collate_fn=train.collate_detection)
-    perfect = train.evaluate_detection(Oracle(data), loader, gt)
+    data = detection.Shapes(6, img_size=64, seed=2)
+    gt = detection.coco_ground_truth(data, detection.Shapes.CLASSES)
+    loader = DataLoader(data, batch_size=4, collate_fn=detection.collate_detection)
+    perfect = detection.evaluate_detection(Oracle(data), loader, gt)
     assert perfect == dict(box_ap=100.0, box_ap50=100.0, mask_ap=100.0, mask_ap50=100.0)
-    shifted = train.evaluate_detection(Oracle(data, shift=4.0), loader, gt)
+    shifted = detection.evaluate_detection(Oracle(data, shift=4.0), loader, gt)
     assert shifted['box_ap'] < 90 and shifted['mask_ap'] == 100.0
 
 
@@ -226,11 +229,15 @@ def test_a_few_dozen_steps_on_shapes_lower_the_loss_markedly():
     losses = []
     for step in range(30):  # two batches of 4, in turn
         half = slice(4 * (step % 2), 4 * (step % 2) + 4)
-        losses.append(train.detection_step(model, optimizer, images[half], targets[half])['loss'])
+        loss, _ = detection.detection_loss(model, (images[half], targets[half]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
     assert sum(losses[-4:]) / 4 < 0.5 * sum(losses[:4]) / 4, losses
 
 
-# train.py's detection mode -------------------------------------------------------------------
+# Detection in train.py -------------------------------------------------------------------
 
 TINY = ['--model', 'vitdet_tiny', '--img-size', '64', '--batch-size', '4', '--device', 'cpu']
 
@@ -245,6 +252,37 @@ def test_the_detection_mode_logs_ap_and_eval_only_reproduces_it(tmp_path, capsys
     train.main(['--dataset', 'shapes', '--model', 'vitdet_tiny', '--limit', '8', '--eval-only',
                 '--resume', str(tmp_path / 'last.pt')])
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: evaluated[k] for k in ('box_ap', 'mask_ap')} == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')}
+
+
+# Augmentation-free, but Mask R-CNN samples proposals at random and the EMA averages every step:
+# resume has to replay both.
+RESUMABLE = TINY + ['--dataset', 'shapes', '--attn', 'fourier', '--limit', '8', '--epochs', '3', '--ema', '0.9']
+
+
+def test_detection_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    done = python('train.py', *RESUMABLE, '--output-dir', str(tmp_path / 'whole'))
+    assert done.returncode == 0, done.stderr
+    killed = python('-c', DIE_AFTER_SAVE, *RESUMABLE, '--output-dir', str(tmp_path / 'killed'))
+    assert killed.returncode == -9
+    resumed = python('train.py', *RESUMABLE, '--resume', str(tmp_path / 'killed' / 'last.pt'))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(tmp_path / 'killed', tmp_path / 'whole')
+
+
+def test_torchrun_two_processes_give_the_box_ap_of_one_process_on_the_same_checkpoint(tmp_path):
+    """Each rank detects half of the held-out shapes; rank 0 scores them all with pycocotools."""
+    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--dataset', 'shapes',
+                 '--model', 'vitdet_tiny', '--device', 'cpu', '--img-size', '64', '--limit', '96', '--epochs', '2',
+                 '--output-dir', str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    rows = log(tmp_path)
+    assert [r['epoch'] for r in rows] == [1, 2] and json.loads((tmp_path / 'args.json').read_text())['world_size'] == 2
+    assert rows[1]['box_ap'] > 0  # 24 steps of 2 x 4 images: something is found
+    alone = python('train.py', '--dataset', 'shapes', '--model', 'vitdet_tiny', '--device', 'cpu', '--limit', '96',
+                   '--eval-only', '--resume', str(tmp_path / 'last.pt'))
+    assert alone.returncode == 0, alone.stderr
+    evaluated = json.loads(alone.stdout.strip().splitlines()[-1])
     assert {k: evaluated[k] for k in ('box_ap', 'mask_ap')} == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')}
 
 
@@ -271,11 +309,11 @@ def coco_folder(root, images=3):
 
 def test_coco_format_targets_are_boxes_labels_and_masks_without_crowds(tmp_path):
     coco_folder(tmp_path)
-    image, target = train.coco_split(tmp_path, 'val')[0]
+    image, target = detection.coco_split(tmp_path, 'val')[0]
     assert image.shape == (3, 48, 64) and image.dtype == torch.float32 and image.max() <= 1
     assert target['labels'].tolist() == [3, 7] and target['image_id'] == 100
     assert target['boxes'].tolist() == [[10, 8, 30, 24], [40, 30, 60, 44]]
-    assert torch.equal(train.mask_boxes(target['masks']), target['boxes'])  # the polygons rasterise to the boxes
+    assert torch.equal(detection.mask_boxes(target['masks']), target['boxes'])  # the polygons rasterise to the boxes
 
 
 def test_the_detection_mode_trains_on_a_coco_folder_with_labels_up_to_the_largest_category(tmp_path):
@@ -291,6 +329,8 @@ def test_the_detection_mode_trains_on_a_coco_folder_with_labels_up_to_the_larges
     (['--dataset', 'digits', '--model', 'vitdet_tiny'], 'vitdet_'),
     (['--dataset', 'shapes', '--model', 'vit_tiny'], 'vitdet_'),
     (['--dataset', 'coco', '--model', 'vitdet_tiny', '--data-path', '/nonexistent'], 'no COCO train split'),
+    (['--dataset', 'shapes', '--model', 'vitdet_tiny', '--mixup', '0.8', '--smoothing', '0.1'], '--smoothing, --mixup'),
+    (['--dataset', 'shapes', '--model', 'vitdet_tiny', '--download'], '--download'),
 ])
 def test_bad_detection_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -298,6 +338,15 @@ def test_bad_detection_input_is_one_line_and_a_non_zero_exit(argv, message, caps
     err = capsys.readouterr().err
     assert exit_.value.code not in (0, None) and message in err
     assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
+
+
+def test_a_non_finite_detection_loss_stops_at_a_named_step(tmp_path, capsys):
+    """The classifier's rule: the first step's update at lr 1e12 makes the second loss NaN."""
+    with pytest.raises(SystemExit):
+        train.main(TINY + ['--dataset', 'shapes', '--limit', '8', '--epochs', '1', '--lr', '1e12', '--warmup-epochs', '0',
+                           '--output-dir', str(tmp_path)])
+    assert 'non-finite loss or gradient at step 2' in capsys.readouterr().err
+    assert not (tmp_path / 'last.pt').exists()
 
 
 def test_finetune_initialises_the_backbone_from_a_classifier_checkpoint(tmp_path, capsys):

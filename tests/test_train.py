@@ -264,8 +264,7 @@ def write(path, data):
 
 @pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
-                                  'image not a multiple of the patch', 'rank zero', 'no folder tree',
-                                  'compare without KArAt'])
+                                  'image not a multiple of the patch', 'rank zero', 'no folder tree'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
@@ -280,7 +279,6 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'], 'multiple'),
         'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
-        'compare without KArAt': (['--benchmark', '--compare', '--attn', 'softmax'], '--compare'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
 
@@ -289,27 +287,3 @@ def test_cli_failure_has_no_traceback():
     done = python('train.py', '--dataset', 'svhn', '--data-path', '/nonexistent')
     assert done.returncode != 0
     assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and '--download' in done.stderr
-
-
-# Benchmark ------------------------------------------------------------------------------------
-
-def test_benchmark_prints_one_json_line():
-    done = python('train.py', '--benchmark', *TINY, '--depth', '1', '--batch-size', '8', '--bench-steps', '3', '--naive')
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
-    assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(model='vit_tiny', attn='fourier', naive=True, batch=8)
-    assert result['step_ms'] > 0 and result['img_per_s'] > 0 and result['peak_mem_mb'] > 0
-    assert result['device'].startswith('cpu')
-
-
-def test_benchmark_compare_shows_the_naive_formula_keeping_the_feature_tensor():
-    """--compare: softmax, ours and the naive formula in one process, one line each. At N = 65,
-    batch 32 the naive formula keeps the (b h N N) x 2G Fourier features, ~10 MB per block,
-    where ours keeps the 1.6 MB logits."""
-    done = python('train.py', '--benchmark', '--compare', '--model', 'vit_tiny', '--img-size', '32', '--patch-size', '4',
-                  '--depth', '1', '--batch-size', '32', '--bench-steps', '2', '--device', 'cpu')
-    assert done.returncode == 0, done.stderr
-    softmax, ours, naive = (json.loads(line) for line in done.stdout.splitlines())
-    assert [(r['attn'], r['naive']) for r in (softmax, ours, naive)] == [('softmax', False), ('fourier', False), ('fourier', True)]
-    assert naive['peak_mem_mb'] > ours['peak_mem_mb'] + 6
-    assert ours['peak_mem_mb'] < 1.3 * softmax['peak_mem_mb']

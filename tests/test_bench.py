@@ -1,0 +1,46 @@
+"""bench.py: one JSON line per path, the paths side by side in one process, and bad input is
+one line on stderr."""
+import json
+
+import pytest
+
+import bench
+from test_train import TINY, python
+
+
+# Timing and memory -----------------------------------------------------------------------------
+
+def test_benchmark_prints_one_json_line():
+    done = python('bench.py', *TINY, '--depth', '1', '--batch-size', '8', '--bench-steps', '3', '--naive')
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(model='vit_tiny', attn='fourier', naive=True, batch=8)
+    assert result['step_ms'] > 0 and result['img_per_s'] > 0 and result['peak_mem_mb'] > 0
+    assert result['device'].startswith('cpu')
+
+
+def test_benchmark_compare_shows_the_naive_formula_keeping_the_feature_tensor():
+    """--compare: softmax, ours and the naive formula in one process, one line each. At N = 65,
+    batch 32 the naive formula keeps the (b h N N) x 2G Fourier features, ~10 MB per block,
+    where ours keeps the 1.6 MB logits."""
+    done = python('bench.py', '--compare', '--model', 'vit_tiny', '--img-size', '32', '--patch-size', '4',
+                  '--depth', '1', '--batch-size', '32', '--bench-steps', '2', '--device', 'cpu')
+    assert done.returncode == 0, done.stderr
+    softmax, ours, naive = (json.loads(line) for line in done.stdout.splitlines())
+    assert [(r['path'], r['attn'], r['naive']) for r in (softmax, ours, naive)] == \
+        [('softmax', 'softmax', False), ('ours', 'fourier', False), ('naive', 'fourier', True)]
+    assert naive['peak_mem_mb'] > ours['peak_mem_mb'] + 6
+    assert ours['peak_mem_mb'] < 1.3 * softmax['peak_mem_mb']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--compare', '--attn', 'softmax'], '--compare'),
+    (['--paths', 'ours,fast'], "'fast'"),
+    (['--model', 'vitdet_tiny'], 'train.py --dataset shapes'),
+])
+def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code not in (0, None) and message in err
+    assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err
