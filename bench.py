@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train import DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, model_arguments, model_config, optimizer_for
+from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, model_arguments, model_config,
+                   optimizer_for, positive)
 
 # A path: its name and the model flags it sets. --compare runs COMPARED; a new way of computing
 # the same model (another kernel, say) is one more entry here.
@@ -52,12 +53,12 @@ def parse_args(argv=None):
     g = p.add_argument_group('benchmark')
     g.add_argument('--dataset', default='digits', choices=[k for k, d in DATASETS.items() if not d.detection],
                    help="only its number of classes and default sizes: the images are random")
-    g.add_argument('--batch-size', type=int)
+    g.add_argument('--batch-size', type=positive)
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--bench-steps', type=int, default=20, help='timed steps per path, after warm-up')
+    g.add_argument('--bench-steps', type=positive, default=20, help='timed steps per path, after warm-up')
     g.add_argument('--paths', type=path_names, help=f"comma-separated, of {', '.join(PATHS)}")
     g.add_argument('--compare', action='store_true', help=f"--paths {','.join(COMPARED)}")
     args = p.parse_args(argv)

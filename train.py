@@ -41,6 +41,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import curves
 import detection
 import karat
 import models
@@ -111,8 +112,30 @@ class Fatal(Exception):
 # Command line ----------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and no abbreviated flags (so that the flags given are known)."""
+
+    def __init__(self, **kw):
+        super().__init__(allow_abbrev=False, **kw)
+
     def error(self, message):  # one line, not the whole usage block
         raise Fatal(f"{message} (see --help)", code=2)
+
+
+def number(kind, low, high=math.inf, low_open=False):
+    """An argparse type: a `kind` in [low, high), or (low, high) with low_open."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value < high:
+            bounds = f"{'>' if low_open else '>='} {low}" if high == math.inf else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
+        return value
+    return parse
+
+
+positive, natural, non_negative = number(int, 1), number(int, 0), number(float, 0.0)
 
 
 def ints(text):
@@ -120,14 +143,16 @@ def ints(text):
     try:
         values = tuple(int(t) for t in text.split(','))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: an integer or a comma-separated list") from None
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a positive integer or a comma-separated list")
     return values[0] if len(values) == 1 else values
 
 
 def rank_value(text):
     if text == 'full':
         return None
-    if not text.isdigit():
+    if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"invalid rank {text!r}: a positive integer r or 'full'")
     return int(text)
 
@@ -138,18 +163,21 @@ def model_arguments(p):
     g.add_argument('--model', default='vit_tiny', choices=models.list_models())
     g.add_argument('--attn', default='fourier', choices=karat.ATTENTIONS, help="'softmax' or a KArAt basis")
     g.add_argument('--mode', default='blockwise', choices=karat.MODES)
-    g.add_argument('--grid', type=int, default=3, help='G, basis functions per unit')
+    g.add_argument('--grid', type=positive, default=3, help='G, basis functions per unit')
     g.add_argument('--rank', type=rank_value, default=12, help="r of the low-rank operator, or 'full' (N x N units)")
     g.add_argument('--base', default='zero', choices=list(karat.BASE_ACTIVATIONS))
     g.add_argument('--order', default='W_phi', choices=karat.ORDERS)
     g.add_argument('--simplex', action='store_true', help='project activated rows onto the simplex (ablation)')
     g.add_argument('--naive', action='store_true', help='the materialised paper-style formula (efficient=False)')
-    g.add_argument('--img-size', type=int)
+    g.add_argument('--img-size', type=positive)
     for flag in ('--patch-size', '--embed-dim', '--window-size'):
-        g.add_argument(flag, type=int, help="the model's own default if omitted")
+        g.add_argument(flag, type=positive, help="the model's own default if omitted")
     for flag in ('--depth', '--num-heads'):
         g.add_argument(flag, type=ints, help="the model's own default if omitted; Swin: one per stage, 2,2,6,2")
-    g.add_argument('--drop-path', dest='drop_path_rate', type=float)
+    g.add_argument('--drop-path', dest='drop_path_rate', type=number(float, 0.0, 1.0))
+
+
+MODEL_FLAGS = ('model', 'attn', 'mode', 'grid', 'rank', 'base', 'order', 'simplex', 'naive', 'img_size', *ARCH_FLAGS)
 
 
 def apply_recipe(args):
@@ -169,17 +197,19 @@ def parse_args(argv=None):
     g.add_argument('--dataset', default='digits', choices=list(DATASETS))
     g.add_argument('--data-path', default='data', help="torchvision's root, or a folder with train/ and val/")
     g.add_argument('--download', action='store_true')
-    g.add_argument('--limit', type=int, help='train and test on at most this many images of each split')
-    g.add_argument('--workers', type=int)
+    g.add_argument('--limit', type=positive, help='train and test on at most this many images of each split')
+    g.add_argument('--workers', type=natural)
     g = p.add_argument_group('recipe (defaults: the dataset\'s recipe)')
     for flag, kind, what in (
-            ('--epochs', int, ''), ('--batch-size', int, 'per process'),
-            ('--lr', float, 'peak learning rate; default base-lr x total batch / 512'), ('--base-lr', float, ''),
-            ('--min-lr', float, 'end of the cosine'), ('--warmup-epochs', float, ''),
-            ('--warmup-lr', float, 'start of the linear warmup'), ('--weight-decay', float, 'AdamW'),
-            ('--opt-eps', float, 'AdamW'), ('--clip-grad', float, 'gradient norm; 0 = off'),
-            ('--smoothing', float, 'label smoothing'), ('--mixup', float, 'Mixup alpha; 0 = off'),
-            ('--cutmix', float, 'CutMix alpha; 0 = off'), ('--ema', float, 'EMA decay per step; 0 = off')):
+            ('--epochs', positive, ''), ('--batch-size', positive, 'per process'),
+            ('--lr', non_negative, 'peak learning rate; default base-lr x total batch / 512'),
+            ('--base-lr', non_negative, ''), ('--min-lr', non_negative, 'end of the cosine'),
+            ('--warmup-epochs', non_negative, ''), ('--warmup-lr', non_negative, 'start of the linear warmup'),
+            ('--weight-decay', non_negative, 'AdamW'), ('--opt-eps', number(float, 0.0, low_open=True), 'AdamW'),
+            ('--clip-grad', non_negative, 'gradient norm; 0 = off'),
+            ('--smoothing', number(float, 0.0, 1.0), 'label smoothing'),
+            ('--mixup', non_negative, 'Mixup alpha; 0 = off'), ('--cutmix', non_negative, 'CutMix alpha; 0 = off'),
+            ('--ema', number(float, 0.0, 1.0), 'EMA decay per step; 0 = off')):
         g.add_argument(flag, type=kind, help=what or None)
     g.add_argument('--augment', choices=('paper', 'light', 'none'),
                    help='paper: RandomResizedCrop, flip, RandAugment, jitter; light: pad-and-crop, flip')
@@ -189,10 +219,13 @@ def parse_args(argv=None):
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--output-dir', help='default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint\'s folder')
+    g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
     g.add_argument('--resume', metavar='PATH', help='continue exactly from a checkpoint')
     g.add_argument('--finetune', metavar='PATH', help="start from a checkpoint's weights with a new classifier head")
     g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
     args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args.given = [a.dest for a in p._actions if any(w.split('=')[0] in a.option_strings for w in argv)]
     data = DATASETS[args.dataset]
     if data.detection != args.model.startswith('vitdet'):
         p.error(f"the vitdet_* models train on the detection datasets "
@@ -563,6 +596,9 @@ class Run:
     step: int = 0
 
 
+PROGRESS_SECONDS = 60  # a progress line this often when output goes to a file, not a terminal
+
+
 class NonFinite(Exception):
     """A NaN or infinite loss or gradient, caught before the optimiser step."""
 
@@ -574,7 +610,8 @@ def train_one_epoch(run, loader, epoch):
     run.ddp.train()
     sums, images = 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=run.rank != 0 or None)
-    for batch in bar:
+    lines, shown = run.rank == 0 and bar.disable, time.time()  # no terminal (None): lines instead of a bar
+    for i, batch in enumerate(bar):
         lr = learning_rate(run.step, args, len(loader))
         for group in run.optimizer.param_groups:
             group['lr'] = lr
@@ -595,6 +632,10 @@ def train_one_epoch(run, loader, epoch):
         images += n
         if run.step % 10 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        if lines and time.time() - shown >= PROGRESS_SECONDS:
+            shown = time.time()
+            print(f"  epoch {epoch + 1}/{args.epochs}  step {i + 1}/{len(loader)}  loss {loss.item():.4g}  lr {lr:.2e}",
+                  flush=True)
     *sums, images = all_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()
     return dict(zip(['train_loss', *terms], (s / images for s in sums)), lr=lr)
 
@@ -636,6 +677,7 @@ def fit(run, train_loader, test_loader, out, start_epoch, best, history):
             save_atomic(state, out / 'best.pt')
         with open(out / 'log.jsonl', 'a') as f:
             f.write(json.dumps(row) + '\n')
+        curves.plot([out], out / 'curves.png')
         scores = '  '.join(f"{k} {v:.4g}" for k, v in row.items() if k not in ('epoch', 'lr', 'epoch_time'))
         print(f"epoch {epoch + 1}/{args.epochs}  {scores}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s", flush=True)
     if leader:
@@ -654,11 +696,57 @@ def setup_distributed(args):
     return rank, world
 
 
+RUN_FILES = ('args.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')
+
+
+def output_dir(args):
+    return Path(args.output_dir or (Path(args.resume).parent if args.resume else
+                                    Path('runs') / f"{args.model}_{args.attn}_{args.dataset}"))
+
+
+def claim(out, args):
+    """Make the output folder; one holding another run is refused unless --resume continues
+    that run or --overwrite replaces it (its run files are then deleted first)."""
+    held = [name for name in RUN_FILES if (out / name).exists()]
+    continued = args.resume and Path(args.resume).resolve().parent == out.resolve()
+    if held and not continued and not args.overwrite:
+        raise Fatal(f"{out} holds a run ({', '.join(held)}): --resume {out / 'last.pt'} continues it, "
+                    f"--overwrite replaces it, or give another --output-dir")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in held if args.overwrite and not continued else ():
+            (out / name).unlink()
+    except OSError as e:
+        raise Fatal(f"cannot write to --output-dir {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise Fatal(f"cannot write to --output-dir {out}: permission denied")
+
+
+def check_model_flags(args, ckpt, classes):
+    """Before any data is read: a new model must be buildable; a resumed one is the checkpoint's,
+    so a model flag given with another value than the checkpoint's is refused."""
+    if not ckpt:
+        with torch.device('meta'):  # the structure only: no memory, no init
+            build_model(model_config(args, classes or 2))
+        return
+    mine, theirs = model_config(args, ckpt['config']['num_classes']), ckpt['config']
+    for flag in (f for f in args.given if f in MODEL_FLAGS):
+        key = {'model': 'name', 'naive': 'efficient'}.get(flag, flag)
+        if mine.get(key) != theirs.get(key):
+            raise Fatal(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from {args.resume}'s "
+                        f"{key} {theirs.get(key)}: --resume rebuilds the checkpoint's model (drop the flag, "
+                        f"or --finetune to start a new run from its weights)", code=2)
+
+
 def train(args):
     """Set up the task, the model and the run (new, resumed or fine-tuned), then fit, or only
     evaluate with --eval-only."""
     rank, world = setup_distributed(args)
     ckpt = load_checkpoint(args.resume) if args.resume else None
+    check_model_flags(args, ckpt, DATASETS[args.dataset].classes)
+    out = output_dir(args)
+    if rank == 0 and not args.eval_only:
+        claim(out, args)
     img_size = ckpt['config']['img_size'] if ckpt else args.img_size
     make_task = detection_task if DATASETS[args.dataset].detection else classification_task
     if rank == 0:  # rank 0 downloads while the others wait, then they read what it fetched
@@ -685,8 +773,6 @@ def train(args):
             print(json.dumps(dict(checkpoint=args.resume, dataset=args.dataset, **stats)))
         return
 
-    out = Path(args.output_dir or (Path(args.resume).parent if args.resume else
-                                   Path('runs') / f"{args.model}_{args.attn}_{args.dataset}"))
     start_epoch, best, history = 0, -math.inf, []
     if ckpt:
         try:
@@ -697,7 +783,6 @@ def train(args):
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             raise Fatal(f"{args.resume} cannot be resumed with these options ({str(e).splitlines()[0]})") from None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / 'args.json').write_text(json.dumps(dict(vars(args), world_size=world), indent=2) + '\n')
         # the log is rewritten from the checkpoint, so a kill between checkpoint and log loses nothing
         (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
@@ -709,12 +794,15 @@ def train(args):
 
 
 def main(argv=None):
+    prefix = f"[rank {os.environ['RANK']}] train.py" if 'RANK' in os.environ else 'train.py'
     try:
         train(parse_args(argv))
     except Fatal as e:
-        prefix = f"[rank {os.environ['RANK']}] " if 'RANK' in os.environ else ''
-        print(f"{prefix}train.py: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         sys.exit(e.code)
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted; the checkpoints written so far are intact", file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

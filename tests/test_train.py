@@ -264,7 +264,9 @@ def write(path, data):
 
 @pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
-                                  'image not a multiple of the patch', 'rank zero', 'no folder tree'])
+                                  'image not a multiple of the patch', 'rank zero', 'no folder tree',
+                                  'patch size zero', 'batch size zero', 'negative lr', 'negative workers', 'no epochs',
+                                  'no blocks', 'impossible model before the data', 'output under a file'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
@@ -279,6 +281,15 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'], 'multiple'),
         'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
+        'patch size zero': (['--patch-size', '0'], '--patch-size'),
+        'batch size zero': (['--batch-size', '0'], '--batch-size'),
+        'negative lr': (['--lr', '-1'], '--lr'),
+        'negative workers': (['--workers', '-1'], '--workers'),
+        'no epochs': (['--epochs', '0'], '--epochs'),
+        'no blocks': (['--depth', '0'], '--depth'),
+        'impossible model before the data': (['--dataset', 'cifar10', '--data-path', str(tmp_path),
+                                              '--img-size', '30', '--patch-size', '4'], 'multiple'),
+        'output under a file': (['--output-dir', write(tmp_path / 'file', b'') + '/run'], 'cannot write'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
 
@@ -287,3 +298,65 @@ def test_cli_failure_has_no_traceback():
     done = python('train.py', '--dataset', 'svhn', '--data-path', '/nonexistent')
     assert done.returncode != 0
     assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and '--download' in done.stderr
+
+
+# Runs are protected --------------------------------------------------------------------------
+
+QUICK = TINY + ['--depth', '1', '--limit', '64', '--epochs', '1']
+
+
+def fingerprint(out):
+    return {p.name: p.read_bytes() for p in Path(out).iterdir()}
+
+
+def refused(*argv):
+    """Run train.py as a user would; return its one stderr line after checking it failed."""
+    done = python('train.py', *argv)
+    assert done.returncode not in (0, None)
+    assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr, done.stderr
+    return done.stderr
+
+
+def test_a_folder_holding_a_run_is_never_overwritten_unless_asked(tmp_path):
+    train.main(QUICK + ['--output-dir', str(tmp_path)])
+    before = fingerprint(tmp_path)
+    assert '--overwrite' in refused(*QUICK, '--attn', 'softmax', '--output-dir', str(tmp_path))
+    assert fingerprint(tmp_path) == before
+    train.main(QUICK + ['--attn', 'softmax', '--output-dir', str(tmp_path), '--overwrite'])
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['config']['attn'] == 'softmax'
+    assert json.loads((tmp_path / 'args.json').read_text())['attn'] == 'softmax'
+
+
+def test_resume_refuses_a_model_flag_that_differs_from_the_checkpoint(tmp_path):
+    train.main(QUICK + ['--output-dir', str(tmp_path)])
+    before = fingerprint(tmp_path)
+    err = refused(*QUICK, '--attn', 'softmax', '--epochs', '2', '--resume', str(tmp_path / 'last.pt'))
+    assert '--attn softmax' in err and 'fourier' in err
+    assert fingerprint(tmp_path) == before
+
+
+INTERRUPT_AFTER_SAVE = DIE_AFTER_SAVE.replace("os.kill(os.getpid(), signal.SIGKILL)", "raise KeyboardInterrupt")
+
+
+def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    done = python('-c', INTERRUPT_AFTER_SAVE, *QUICK, '--epochs', '2', '--output-dir', str(tmp_path))
+    assert done.returncode == 130
+    assert done.stderr.count('\n') == 1 and 'interrupted' in done.stderr and 'Traceback' not in done.stderr
+    assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+
+
+def test_without_a_terminal_progress_comes_as_lines(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, 'PROGRESS_SECONDS', 0)
+    train.main(QUICK + ['--batch-size', '32', '--output-dir', str(tmp_path)])
+    assert '  epoch 1/1  step 2/2  loss ' in capsys.readouterr().out
+
+
+def test_each_run_draws_its_curves_and_curves_py_overlays_runs(tmp_path):
+    png = b'\x89PNG\r\n\x1a\n'
+    for attn in ('softmax', 'fourier'):
+        train.main(QUICK + ['--attn', attn, '--output-dir', str(tmp_path / attn)])
+        assert (tmp_path / attn / 'curves.png').read_bytes()[:8] == png
+    done = python('curves.py', str(tmp_path / 'softmax'), str(tmp_path / 'fourier'), '-o', str(tmp_path / 'both.png'))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / 'both.png').read_bytes()[:8] == png
+
