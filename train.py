@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets as tvd
@@ -296,11 +297,21 @@ def torchvision_split(name, root, training, download, transform):
     return cls(root, split='train' if training else 'test', download=download, transform=transform)
 
 
+def read_image(path):
+    """ImageFolder's loader, except that an unreadable file (truncated, or no image at all) stops
+    the run with its name, rather than being skipped, which would change the data unseen."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')
+    except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+        raise Fatal(f"cannot read image {path} ({e}); remove or replace it, then --resume") from None
+
+
 def image_folder(root, training, transform):
     path = Path(root) / ('train' if training else 'val')
     if not path.is_dir():
         raise Fatal(f"no folder {path}: --data-path must hold train/ and val/ trees of class folders")
-    return tvd.ImageFolder(path, transform=transform)
+    return tvd.ImageFolder(path, transform=transform, loader=read_image)
 
 
 def classification_datasets(args, img_size):
@@ -747,6 +758,9 @@ def train(args):
     out = output_dir(args)
     if rank == 0 and not args.eval_only:
         claim(out, args)
+        if 'dataset' not in args.given:
+            print(f"no --dataset given: {args.dataset}, {args.img_size}x{args.img_size} px, patch {args.patch_size}, "
+                  f"{args.epochs} epochs (--dataset chooses another; --help lists them)", flush=True)
     img_size = ckpt['config']['img_size'] if ckpt else args.img_size
     make_task = detection_task if DATASETS[args.dataset].detection else classification_task
     if rank == 0:  # rank 0 downloads while the others wait, then they read what it fetched
@@ -798,7 +812,8 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except Fatal as e:
-        print(f"{prefix}: error: {e}", file=sys.stderr)
+        lines = str(e).splitlines()  # from a loader worker: the worker's traceback, ours on its last line
+        print(f"{prefix}: error: {lines[-1].split('Fatal: ', 1)[-1] if len(lines) > 1 else e}", file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; the checkpoints written so far are intact", file=sys.stderr)

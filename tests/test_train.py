@@ -360,3 +360,17 @@ def test_each_run_draws_its_curves_and_curves_py_overlays_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 'both.png').read_bytes()[:8] == png
 
+
+@pytest.mark.parametrize('workers', ['0', '1'])
+def test_an_unreadable_image_stops_the_run_with_its_file_name(tmp_path, workers):
+    tree = png_tree(tmp_path / 'tree', n=6)
+    (tree / 'train' / 'class0' / 'broken.jpg').write_bytes(b'not a jpeg at all')
+    err = refused(*TINY, *FAST_RECIPE, '--dataset', 'folder', '--data-path', str(tree), '--workers', workers,
+                  '--output-dir', str(tmp_path / 'run'))
+    assert 'broken.jpg' in err
+
+
+def test_without_a_dataset_the_first_line_says_what_data_was_chosen(tmp_path, capsys):
+    train.main(['--depth', '1', '--limit', '64', '--epochs', '1', '--device', 'cpu', '--output-dir', str(tmp_path)])
+    assert capsys.readouterr().out.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs')
+
