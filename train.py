@@ -16,7 +16,7 @@ says what a batch's loss is, how a model is scored and which score picks best.pt
 box AP). Under `torchrun` (the RANK variable is set) it runs DDP, gloo on CPU and nccl on GPU;
 rank 0 alone prints, logs and saves. Checkpoints hold only tensors, numbers, strings and
 containers and are read with torch.load(weights_only=True), so loading one never runs code.
-bench.py times train steps of the same models.
+bench.py times train steps of the same models; curves.py draws the learning curves of runs.
 """
 import argparse
 import copy
@@ -232,9 +232,9 @@ def parse_args(argv=None):
         p.error(f"the vitdet_* models train on the detection datasets "
                 f"{', '.join(k for k, d in DATASETS.items() if d.detection)} and only there; "
                 f"got --model {args.model} with --dataset {args.dataset}")
-    given = [f"--{k.replace('_', '-')}" for k in CLASSIFICATION_ONLY if getattr(args, k) is not None]
-    if data.detection and given:
-        p.error(f"{', '.join(given)}: classification only, not for detection on {args.dataset}")
+    unused = [f"--{k.replace('_', '-')}" for k in CLASSIFICATION_ONLY if k in args.given]
+    if data.detection and unused:
+        p.error(f"{', '.join(unused)}: classification only, not for detection on {args.dataset}")
     if args.download and not data.download:
         p.error(f"--download fetches {', '.join(k for k, d in DATASETS.items() if d.download)}; "
                 f"{args.dataset} is not downloaded")
