@@ -70,14 +70,20 @@ def mlp(dim, hidden):
     return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
+# LayerNorm's eps as in the architecture reproduced: DeiT, ConViT and ViTDet's ViT use 1e-6,
+# torchvision's Swin uses PyTorch's default, 1e-5. Another eps moves the logits of a loaded model
+# (by up to 1e-2 at init), so it would not compute its source's function.
+VIT_EPS, SWIN_EPS = 1e-6, 1e-5
+
+
 class Block(nn.Module):
     """Pre-norm transformer block, x = x + attn(norm(x)); x = x + mlp(norm(x)), over the last
     axis, so tokens may be a sequence (b n d) or a map (b h w d)."""
 
-    def __init__(self, dim, attn, drop_path=0.0, mlp_ratio=4):
+    def __init__(self, dim, attn, drop_path=0.0, mlp_ratio=4, eps=VIT_EPS):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim), attn
-        self.norm2, self.mlp = nn.LayerNorm(dim), mlp(dim, mlp_ratio * dim)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), attn
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), mlp(dim, mlp_ratio * dim)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
@@ -130,7 +136,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, n, embed_dim), std=0.02))
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(embed_dim, Attention(embed_dim, num_heads, n, make_attend), p) for p in rates)
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=VIT_EPS)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_weights)
 
@@ -218,7 +224,7 @@ class ConViT(nn.Module):
                                Attention(embed_dim, num_heads, grid ** 2 + 1, make_attend, qkv_bias=False))
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(embed_dim, attention(i), p) for i, p in enumerate(rates))
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=VIT_EPS)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_weights)
 
@@ -308,7 +314,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(4 * dim)
+        self.norm = nn.LayerNorm(4 * dim, eps=SWIN_EPS)
 
     def forward(self, x):
         x = F.pad(x, (0, 0, 0, x.shape[2] % 2, 0, x.shape[1] % 2))
@@ -337,7 +343,7 @@ class SwinTransformer(nn.Module):
             check_arch(img_size, patch_size, embed_dim * 2 ** i, heads)
         self.img_size, self.in_chans = img_size, in_chans
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
-        self.patch_norm = nn.LayerNorm(embed_dim)
+        self.patch_norm = nn.LayerNorm(embed_dim, eps=SWIN_EPS)
         rates = iter(drop_path_rates(drop_path_rate, sum(depth)))
         size, self.windows, self.stages = img_size // patch_size, [], nn.ModuleList()
         for i, (blocks, heads) in enumerate(zip(depth, num_heads)):
@@ -348,9 +354,10 @@ class SwinTransformer(nn.Module):
             self.windows.append(window)
             self.stages.append(nn.Sequential(
                 *([PatchMerging(dim // 2)] if i else []),
-                *(Block(dim, WindowAttention(dim, heads, size, window, shift(j), make_attend), next(rates))
+                *(Block(dim, WindowAttention(dim, heads, size, window, shift(j), make_attend),
+                        next(rates), eps=SWIN_EPS)
                   for j in range(blocks))))
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=SWIN_EPS)
         self.head = nn.Linear(dim, num_classes)
         self.apply(init_weights)
 
