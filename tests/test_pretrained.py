@@ -2,6 +2,11 @@
 state_dicts (built here with random weights at 32 px, saved, read back) load into our models,
 a softmax model then computes its source's function, and a KArAt model takes every weight but
 the activation. Other architectures are refused with one line."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -11,6 +16,7 @@ from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSw
 
 import models
 
+ROOT = Path(__file__).resolve().parent.parent
 IMG = 32
 
 # Each source at a small size (its own layers and key layout, our IMG, patch 4, a few blocks),
@@ -190,3 +196,27 @@ def test_load_backbone_refuses_a_convit_whose_position_embedding_has_no_cls_entr
     path = saved(source('timm convit'), tmp_path / 'convit.pth')
     with pytest.raises(ValueError, match="not a ViT classifier"):
         models.load_backbone(models.create_model('vitdet_tiny'), path)
+
+
+# The command line ---------------------------------------------------------------------------
+
+def train_py(*args):
+    return subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'), text=True, timeout=300)
+
+
+def test_finetune_starts_a_karat_run_from_a_timm_file_and_refuses_another_depth_in_one_line(
+        tmp_path):
+    torch.manual_seed(0)
+    deit = timm.create_model('deit_tiny_patch16_224', img_size=8, patch_size=2, depth=1,
+                             embed_dim=48, num_classes=10)  # digits: 8 x 8 px, 10 classes
+    path = saved(deit, tmp_path / 'deit.pth')
+    run = ['--model', 'vit_tiny', '--img-size', '8', '--patch-size', '2', '--embed-dim', '48',
+           '--device', 'cpu', '--limit', '32', '--epochs', '1', '--workers', '0',
+           '--finetune', str(path), '--keep-head']
+    done = train_py(*run, '--depth', '1', '--output-dir', str(tmp_path / 'run'))
+    assert done.returncode == 0, done.stderr
+    assert 'left at init: blocks.0.attn.attend.operator.' in done.stdout
+    refused = train_py(*run, '--depth', '2', '--output-dir', str(tmp_path / 'refused'))
+    assert refused.returncode != 0 and 'Traceback' not in refused.stderr
+    assert refused.stderr.count('\n') == 1 and 'it lacks blocks.1.' in refused.stderr
