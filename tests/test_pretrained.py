@@ -135,6 +135,26 @@ def test_position_embeddings_of_another_image_size_are_resampled_keeping_the_cls
     assert torch.equal(model.pos_embed[:, 1:], resampled)
 
 
+@pytest.mark.parametrize('img, same', [(32, True), (64, True), (48, False)])
+def test_swin_is_torchvisions_function_exactly_where_the_window_divides_every_stages_map(
+        img, same, tmp_path):
+    """Patch 4, window 4, two stages: maps img/4 and img/8 are multiples of 4 at 32 and 64 px.
+    At 48 (maps 12 and 6) torchvision pads the 6 x 6 map to 8 x 8 and attends to the padding;
+    ours shrinks that stage's window to 3 (its bias table resampled from 7 x 7 offsets to 5 x 5)."""
+    torch.manual_seed(0)
+    theirs = TorchvisionSwin(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4],
+                             window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    model = ours('torchvision swin', img_size=img).eval()
+    models.load_pretrained(model, saved(theirs, tmp_path / 'swin.pth'), head=True)
+    x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (model(x) - theirs(x)).abs().max()
+    assert (difference < 1e-5) == same, difference
+
+
 def test_a_train_checkpoint_of_the_same_karat_model_gives_its_operators_too(tmp_path):
     trained = ours('timm deit', 'fourier', seed=2)
     torch.save(dict(model=trained.state_dict(), config=trained.config), tmp_path / 'best.pt')
