@@ -265,7 +265,7 @@ def write(path, data):
 @pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
                                   'image not a multiple of the patch', 'rank zero', 'no folder tree',
-                                  'compare without KArAt'])
+                                  'compare without KArAt', 'keep head without finetune'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
@@ -282,6 +282,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
         'compare without KArAt': (['--benchmark', '--compare', '--attn', 'softmax'], '--compare'),
+        'keep head without finetune': (['--keep-head'], '--keep-head'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
 
