@@ -710,9 +710,11 @@ def summarise(items, limit=3):
 
 
 def attention_of(config):
-    """The attention and KArAt options of a model's config, defaults filled in."""
-    options = inspect.signature(karat.attention_maker).parameters
-    return {k: config.get(k, p.default) for k, p in options.items()}
+    """What a model's KArAt operators mean: its attention and the options that shape them (not
+    `efficient`, which changes only how they are computed), defaults filled in."""
+    defaults = inspect.signature(karat.attention_maker).parameters
+    return {k: config.get(k, defaults[k].default)
+            for k in ('attn', 'mode', 'grid', 'rank', 'base', 'order', 'simplex')}
 
 
 def is_operator(key):

@@ -161,6 +161,8 @@ def test_a_train_checkpoint_of_the_same_karat_model_gives_its_operators_too(tmp_
     model = ours('timm deit', 'fourier')
     assert models.load_pretrained(model, tmp_path / 'best.pt', head=True) == []
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+    naive = ours('timm deit', 'fourier', efficient=False)  # the same operators, computed naively
+    assert models.load_pretrained(naive, tmp_path / 'best.pt', head=True) == []
     other = ours('timm deit', 'fourier', grid=1)  # another G: its operators start at init
     at_init = models.load_pretrained(other, tmp_path / 'best.pt')
     assert any(map(models.is_operator, at_init))
