@@ -642,14 +642,23 @@ def merge_qk_v(state):
     return {k: v for k, v in state.items() if not k.endswith(split)} | merged
 
 
+def read_file(path):
+    """What a checkpoint file holds: a .safetensors file's tensors (timm's downloads from the
+    Hugging Face hub), else torch.load's object with weights_only=True: loading never runs code."""
+    if str(path).endswith('.safetensors'):
+        from safetensors.torch import load_file  # timm's dependency, needed for these files only
+        return load_file(path)
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
 def read_weights(checkpoint):
     """A checkpoint as (layout, state_dict in this project's key names, config or None).
 
-    checkpoint: a path (read with weights_only=True: loading never runs code) or a loaded
-    object: a train.py checkpoint ({'model', 'config', ...}), a bare state_dict of any layout
-    in `LAYOUTS`, or one wrapped as {'model': ...} or {'state_dict': ...} (DeiT's own files)."""
+    checkpoint: a path (`read_file`) or what one holds: a train.py checkpoint ({'model',
+    'config', ...}), a bare state_dict of any layout in `LAYOUTS`, or one wrapped as
+    {'model': ...} or {'state_dict': ...} (DeiT's own downloads)."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        checkpoint = read_file(checkpoint)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"not a checkpoint: a {type(checkpoint).__name__}, not a dict of tensors")
     config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else None

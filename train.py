@@ -340,9 +340,9 @@ def save_atomic(obj, path):
 
 
 def read_checkpoint(path):
-    """Whatever `path` holds, read with weights_only=True: plain data only, never code."""
+    """Whatever `path` holds (models.read_file): plain data only, never code."""
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return models.read_file(path)
     except FileNotFoundError:
         raise Fatal(f"no checkpoint at {path}") from None
     except Exception as e:  # torn, foreign, or carrying objects whose unpickling could run code

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torchvision
@@ -183,6 +184,15 @@ def test_another_architecture_is_refused_in_one_line_naming_what_differs(kind, n
                       path)
     assert named in message
     assert message.count(name) == 1  # the model is named once, the checkpoint by its layout
+
+
+def test_a_safetensors_file_as_timm_downloads_it_loads_like_a_state_dict(tmp_path):
+    theirs = source('timm deit', perturb=True)
+    safetensors.torch.save_file(theirs.state_dict(), tmp_path / 'model.safetensors')
+    model = ours('timm deit').eval()
+    assert models.load_pretrained(model, tmp_path / 'model.safetensors', head=True) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()), theirs(images()), atol=1e-5, rtol=1e-5)
 
 
 def test_an_unknown_layout_is_refused_naming_the_known_ones():
