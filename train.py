@@ -372,11 +372,14 @@ def load_weights(model, state, path, config):
 
 def finetune_from(model, path, keep_head=False):
     """Start `model` from the weights in `path` (models.load_pretrained: this project's, timm's
-    or torchvision's layout), its head new unless keep_head. Returns the keys left at init."""
+    or torchvision's layout), its head new unless keep_head; say what starts at init."""
     try:
-        return models.load_pretrained(model, read_checkpoint(path), head=keep_head)
+        at_init = models.load_pretrained(model, read_checkpoint(path), head=keep_head)
     except ValueError as e:
         raise Fatal(f"cannot start from {path}: {e}") from None
+    if int(os.environ.get('RANK', 0)) == 0:
+        left = models.summarise(at_init) or 'nothing'
+        print(f"weights from {path}; left at init: {left}", flush=True)
 
 
 # Optimisation -----------------------------------------------------------------------------------
@@ -571,10 +574,7 @@ def train(args):
     raw = restore_or_build(args, ckpt, classes,
                            lambda n: f"{args.resume} has {n} classes, {args.dataset} has {classes}: use --finetune")
     if args.finetune and not ckpt:
-        at_init = finetune_from(raw, args.finetune, args.keep_head)
-        if rank == 0:
-            left = models.summarise(at_init) or 'nothing'
-            print(f"weights from {args.finetune}; left at init: {left}", flush=True)
+        finetune_from(raw, args.finetune, args.keep_head)
     raw.to(args.device)
     fast = torch.compile(raw) if args.compile else raw
     wrapped = DistributedDataParallel(fast) if world > 1 else fast
