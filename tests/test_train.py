@@ -262,14 +262,16 @@ def write(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
+@pytest.mark.parametrize('case', ['missing dataset', 'keep head without finetune',
+                                  'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
                                   'image not a multiple of the patch', 'rank zero', 'no folder tree',
-                                  'compare without KArAt', 'keep head without finetune'])
+                                  'compare without KArAt'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
         'missing dataset': (['--dataset', 'cifar10', '--data-path', str(tmp_path)], '--download'),
+        'keep head without finetune': (['--keep-head'], '--keep-head'),
         'garbage checkpoint': (['--resume', write(tmp_path / 'g.pt', b'not a checkpoint' * 9)], 'cannot load'),
         'truncated checkpoint': (['--resume', write(tmp_path / 't.pt', full[: len(full) // 2])], 'cannot load'),
         'another architecture': (['--depth', '2', '--finetune', str(softmax_checkpoint)],
@@ -282,7 +284,6 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
         'compare without KArAt': (['--benchmark', '--compare', '--attn', 'softmax'], '--compare'),
-        'keep head without finetune': (['--keep-head'], '--keep-head'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
 
