@@ -191,10 +191,10 @@ def parse_args(argv=None):
                 f"got --model {args.model} with --dataset {args.dataset}")
     if args.eval_only and not args.resume:
         p.error('--eval-only evaluates the checkpoint given by --resume PATH')
-    if args.resume and args.finetune:
-        p.error('--resume continues a run, --finetune starts a new one: give one of them')
     if args.keep_head and (not args.finetune or is_detection(args)):
         p.error("--keep-head keeps a classifier's head from the --finetune PATH checkpoint")
+    if args.resume and args.finetune:
+        p.error('--resume continues a run, --finetune starts a new one: give one of them')
     if args.lr is None:  # the paper's linear scaling with the total batch over all processes
         args.lr = args.base_lr * args.batch_size * int(os.environ.get('WORLD_SIZE', 1)) / 512
     return args
