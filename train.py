@@ -191,7 +191,7 @@ def parse_args(argv=None):
                 f"got --model {args.model} with --dataset {args.dataset}")
     if args.eval_only and not args.resume:
         p.error('--eval-only evaluates the checkpoint given by --resume PATH')
-    if args.keep_head and (not args.finetune or is_detection(args)):
+    if args.keep_head and (not args.finetune or args.model.startswith('vitdet')):
         p.error("--keep-head keeps a classifier's head from the --finetune PATH checkpoint")
     if args.resume and args.finetune:
         p.error('--resume continues a run, --finetune starts a new one: give one of them')
