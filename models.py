@@ -747,7 +747,8 @@ def load_pretrained(model, checkpoint, head=False):
     shapes and the ones expected."""
     layout, state, config = read_weights(checkpoint)
     own = model.state_dict()
-    same_attention = config is None or attention_of(config) == attention_of(model.config)
+    mine = attention_of(getattr(model, 'config', {}))
+    same_attention = config is None or attention_of(config) == mine
     operators = any(map(is_operator, own)) and any(map(is_operator, state)) and same_attention
     skip = lambda k: (k.startswith('head.') and not head) or (is_operator(k) and not operators)
     wanted, offered = {k for k in own if not skip(k)}, {k for k in state if not skip(k)}

@@ -186,6 +186,17 @@ def test_another_architecture_is_refused_in_one_line_naming_what_differs(kind, n
     assert message.count(name) == 1  # the model is named once, the checkpoint by its layout
 
 
+@pytest.mark.parametrize('wrap', [lambda sd, cfg: {'model': sd}, lambda sd, cfg: {'state_dict': sd},
+                                  lambda sd, cfg: {'model': sd, 'config': cfg}],
+                         ids=["DeiT's own {'model'}", "{'state_dict'}", 'train.py layout'])
+def test_a_wrapped_state_dict_loads_as_the_bare_one(wrap):
+    theirs = source('timm deit', perturb=True)
+    model = ours('timm deit').eval()
+    assert models.load_pretrained(model, wrap(theirs.state_dict(), model.config), head=True) == []
+    with torch.no_grad():
+        torch.testing.assert_close(model(images()), theirs(images()), atol=1e-5, rtol=1e-5)
+
+
 def test_a_safetensors_file_as_timm_downloads_it_loads_like_a_state_dict(tmp_path):
     theirs = source('timm deit', perturb=True)
     safetensors.torch.save_file(theirs.state_dict(), tmp_path / 'model.safetensors')
