@@ -388,6 +388,16 @@ class Operator(nn.Module):
     def extra_repr(self):
         return f"{self.attn}, heads={self.heads}, N={self.seq_len}, G={self.grid}, r={self.rank}, base={self.base}, order={self.order}"
 
+    def key_axes(self, name):
+        """The axes of parameter `name` ('phi.coef', 'W', ...) indexed by key position: both of
+        the full Φ (h, N, N, ...); the input q of Φ̂ (h, r, N, ...) and the N of W (h, N, r) in
+        the W Φ̂ order; the outputs of Φ (h, N, r, ...) and of Φ₂ and the N of W otherwise."""
+        if self.rank is None:
+            return (1, 2)
+        if name == 'W' or name.startswith('phi2.') or self.order == 'phi_W':
+            return (1,)
+        return (2,)
+
 
 def logits(q, k, bias=None):
     """A = q k^T / sqrt(d) (+ bias): (b h i d), (b h j d) -> (b h i j)."""

@@ -33,7 +33,6 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
@@ -222,7 +221,10 @@ def parse_args(argv=None):
     g.add_argument('--output-dir', help='default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint\'s folder')
     g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
     g.add_argument('--resume', metavar='PATH', help='continue exactly from a checkpoint')
-    g.add_argument('--finetune', metavar='PATH', help="start from a checkpoint's weights with a new classifier head")
+    g.add_argument('--finetune', metavar='PATH',
+                   help="start from a train.py, timm or torchvision checkpoint's weights, new head")
+    g.add_argument('--keep-head', action='store_true',
+                   help="with --finetune: keep the checkpoint's classifier head (same classes)")
     g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -240,6 +242,8 @@ def parse_args(argv=None):
                 f"{args.dataset} is not downloaded")
     if args.eval_only and not args.resume:
         p.error('--eval-only evaluates the checkpoint given by --resume PATH')
+    if args.keep_head and (not args.finetune or args.model.startswith('vitdet')):
+        p.error("--keep-head keeps a classifier's head from the --finetune PATH checkpoint")
     if args.resume and args.finetune:
         p.error('--resume continues a run, --finetune starts a new one: give one of them')
     return apply_recipe(args)
@@ -373,15 +377,20 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
-    """A train.py checkpoint, read with weights_only=True: plain data only, never code."""
+def read_checkpoint(path):
+    """Whatever `path` holds (models.read_file): plain data only, never code."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        return models.read_file(path)
     except FileNotFoundError:
         raise Fatal(f"no checkpoint at {path}") from None
     except Exception as e:  # torn, foreign, or carrying objects whose unpickling could run code
         lines = [l for l in str(e).splitlines() if l.strip() and not l.startswith(('Weights only', 'Please file', 'Check the'))]
         raise Fatal(f"cannot load checkpoint {path}: {(lines or [type(e).__name__])[0]}") from None
+
+
+def load_checkpoint(path):
+    """A train.py checkpoint: the model's weights and config, and the run's state."""
+    ckpt = read_checkpoint(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('config'), dict)):
         raise Fatal(f"{path} is not a train.py checkpoint (no model weights and config)")
     return ckpt
@@ -412,46 +421,22 @@ def restore_or_build(args, ckpt, classes):
     return model
 
 
-def resize_pos_embed(pos, n):
-    """Bicubic resize of a square grid of position embeddings (after any extra tokens such as
-    CLS, which are kept) to n tokens in all: (1, e + g², d) -> (1, e + g'², d)."""
-    g_old, g_new = math.isqrt(pos.shape[1]), math.isqrt(n)
-    extra = pos.shape[1] - g_old ** 2
-    if extra != n - g_new ** 2:
-        raise Fatal(f"cannot resize position embeddings of {pos.shape[1]} tokens to {n}")
-    grid = rearrange(pos[:, extra:], 'b (h w) d -> b d h w', h=g_old)
-    grid = F.interpolate(grid.float(), size=(g_new, g_new), mode='bicubic', align_corners=False).to(pos.dtype)
-    return torch.cat([pos[:, :extra], rearrange(grid, 'b d h w -> b (h w) d')], dim=1)
-
-
-def finetune_from(model, path):
-    """Load a checkpoint's weights into `model`, all but the classifier head (`head.*`), which
-    keeps its fresh init for the new classes. Position embeddings of another image size are
-    resized bicubically (softmax models); a KArAt operator's N cannot change, so a KArAt
-    model must be fine-tuned at the checkpoint's image and patch size."""
-    ckpt = load_checkpoint(path)
-    src, own, cfg = ckpt['model'], model.state_dict(), ckpt['config']
-    other = f"{path} holds another architecture ({describe(cfg)}) than this run ({describe(model.config)})"
-    missing, extra = set(own) - set(src), set(src) - set(own)
-    if {k for k in missing | extra if not k.startswith('head.')}:
-        raise Fatal(f"{other}: keys {', '.join(sorted(missing ^ extra)[:3])}... differ")
-    state = {}
-    for key, mine in own.items():
-        theirs = mine if key.startswith('head.') else src[key]
-        if theirs.shape != mine.shape and key.endswith('pos_embed'):
-            theirs = resize_pos_embed(theirs, mine.shape[1])
-        if theirs.shape != mine.shape:
-            why = (f"a KArAt operator is built for N keys: fine-tune at the checkpoint's --img-size {cfg.get('img_size')} "
-                   f"and --patch-size {cfg.get('patch_size', 'default')}" if '.attend.' in key else other)
-            raise Fatal(f"{key} is {tuple(theirs.shape)} in {path} but {tuple(mine.shape)} here; {why}")
-        state[key] = theirs
-    model.load_state_dict(state)
+def finetune_from(model, path, keep_head=False):
+    """Start `model` from the weights in `path` (models.load_pretrained: this project's, timm's
+    or torchvision's layout), its head new unless keep_head; say what starts at init."""
+    try:
+        at_init = models.load_pretrained(model, read_checkpoint(path), head=keep_head)
+    except ValueError as e:
+        raise Fatal(f"cannot start from {path}: {e}") from None
+    if int(os.environ.get('RANK', 0)) == 0:
+        left = models.summarise(at_init) or 'nothing'
+        print(f"weights from {path}; left at init: {left}", flush=True)
 
 
 def backbone_from(model, path):
     """A detector's backbone from a classifier checkpoint (models.load_backbone)."""
     try:
-        report = models.load_backbone(model, load_checkpoint(path)['model'])
+        report = models.load_backbone(model, read_checkpoint(path))
     except ValueError as e:
         raise Fatal(f"cannot initialise the backbone from {path}: {e}") from None
     if int(os.environ.get('RANK', 0)) == 0:
@@ -563,7 +548,8 @@ def classification_task(args, img_size):
     device = torch.device(args.device)
     return Task(train_set, test_set, classes,
                 loss=partial(classification_loss, device=device, mix=mixer(args, classes), smoothing=args.smoothing),
-                evaluate=partial(evaluate_classifier, device=device), metric='test_acc1', finetune=finetune_from)
+                evaluate=partial(evaluate_classifier, device=device), metric='test_acc1',
+                finetune=partial(finetune_from, keep_head=args.keep_head))
 
 
 def detection_task(args, img_size):

@@ -136,7 +136,7 @@ def test_load_backbone_copies_the_vit_and_is_the_identity_on_the_same_grid(optio
         theirs = src[key]
         if '.operator.' in key and key.startswith(('blocks.1.', 'blocks.3.')):  # global blocks
             op = model.backbone.blocks[int(key.split('.')[1])].attn.attend.operator
-            for axis in models.key_axes(op, key.split('.operator.')[1]):
+            for axis in op.key_axes(key.split('.operator.')[1]):
                 theirs = theirs.narrow(axis, 1, 64)
         elif '.operator.' in key:
             continue
@@ -157,12 +157,12 @@ def test_resampling_keeps_every_sum_over_keys():
     assert torch.allclose(op.phi['coef'].sum(2), torch.full((3, 12, 6), 64.0))
 
 
-def test_resample_keys_to_the_same_grid_is_the_identity_and_a_linear_ramp_stays_linear():
-    t = torch.randn(2, 1 + 49, 3)
+def test_resample_grid_to_the_same_grid_is_the_identity_and_a_linear_ramp_stays_linear():
+    t = torch.randn(2, 49, 3)
     for mode in ('bilinear', 'bicubic'):
-        assert torch.equal(models.resample_keys(t, 1, 49, mode=mode), t[:, 1:])
+        assert torch.equal(models.resample_grid(t, 1, 49, mode=mode), t)
     ramp = torch.arange(8.0).repeat(8)  # the column index of an 8 x 8 grid, row by row
-    coarse = models.resample_keys(ramp, 0, 16, drop_cls=False)
+    coarse = models.resample_grid(ramp, 0, 16, mode='bilinear')
     assert torch.allclose(coarse, (torch.arange(4.0) * 2 + 0.5).repeat(4))
 
 
@@ -175,7 +175,7 @@ def test_load_backbone_reads_a_train_checkpoint_file_and_rejects_other_architect
     wider = models.create_model('vit_tiny', img_size=128, embed_dim=192, depth=4, num_heads=3)
     with pytest.raises(ValueError, match='another architecture'):
         models.load_backbone(detector(), wider.state_dict())
-    with pytest.raises(ValueError, match='not a ViT'):
+    with pytest.raises(ValueError, match='not a checkpoint of a known layout'):
         models.load_backbone(detector(), {'weight': torch.zeros(1)})
 
 

@@ -262,7 +262,8 @@ def write(path, data):
     return str(path)
 
 
-@pytest.mark.parametrize('case', ['missing dataset', 'garbage checkpoint', 'truncated checkpoint',
+@pytest.mark.parametrize('case', ['missing dataset', 'keep head without finetune',
+                                  'garbage checkpoint', 'truncated checkpoint',
                                   'another architecture', 'other classes', 'unknown model', 'unknown attention',
                                   'image not a multiple of the patch', 'rank zero', 'no folder tree',
                                   'patch size zero', 'batch size zero', 'negative lr', 'negative workers', 'no epochs',
@@ -271,9 +272,11 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
         'missing dataset': (['--dataset', 'cifar10', '--data-path', str(tmp_path)], '--download'),
+        'keep head without finetune': (['--keep-head'], '--keep-head'),
         'garbage checkpoint': (['--resume', write(tmp_path / 'g.pt', b'not a checkpoint' * 9)], 'cannot load'),
         'truncated checkpoint': (['--resume', write(tmp_path / 't.pt', full[: len(full) // 2])], 'cannot load'),
-        'another architecture': (['--attn', 'fourier', '--depth', '1', '--finetune', str(softmax_checkpoint)], 'another architecture'),
+        'another architecture': (['--depth', '2', '--finetune', str(softmax_checkpoint)],
+                                 'it lacks blocks.1.'),
         'other classes': (['--dataset', 'folder', '--data-path', str(png_tree(tmp_path / 'tree', 6)),
                            '--resume', str(softmax_checkpoint)], '--finetune'),
         'unknown model': (['--model', 'vit_huge'], 'vit_huge'),
