@@ -497,13 +497,14 @@ def check_qkv(q, k, v, seq_len=None):
                          "a KArAt model accepts only the sequence length (image size) it was built for")
 
 
+def four_d(t):
+    """A bias or mask broadcastable to (b h i j), with its missing leading axes as size 1."""
+    return t if t is None else t.reshape((1,) * (4 - t.dim()) + t.shape)
+
+
 def as_mask(mask, dtype):
     """Bool or 0/1 mask broadcastable to (b h i j) -> 4-D 0/1 tensor of `dtype`."""
-    if mask is None:
-        return None
-    while mask.dim() < 4:
-        mask = mask[None]
-    return mask.to(dtype)
+    return None if mask is None else four_d(mask).to(dtype)
 
 
 class Softmax(nn.Module):
@@ -539,7 +540,9 @@ class KArAt(nn.Module):
     def forward(self, q, k, v, bias=None, mask=None):
         check_qkv(q, k, v, self.operator.seq_len)
         mask, op = as_mask(mask, q.dtype), self.operator
-        return fast_attention(q, k, v, bias, mask, op) if op.efficient else op(logits(q, k, bias), v, mask)
+        if op.efficient:
+            return fast_attention(q, k, v, four_d(bias), mask, op)
+        return op(logits(q, k, bias), v, mask)
 
     def activate(self, q, k, bias=None, mask=None):
         """The activated N x N matrix σ̂ (b h i j): built only when asked for."""
