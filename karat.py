@@ -14,8 +14,9 @@ Each unit is φ_pq(x) = w^b_pq b(x) + Σ_m c_pqm B_m(x): a base activation b (no
 as in the paper's best models) plus a basis expansion with G functions ("grid size").
 
 The file reads top to bottom: §1 basis families, §2 one Kolmogorov-Arnold layer over a row,
-§3 the attention operators (full, low-rank, the paper's ablations), §4 modules that hold the
-parameters and share them blockwise or universally.
+§3 the attention operators (full, low-rank, the paper's ablations), §4 the fast paths that keep
+nothing N x N for backward, §5 modules that hold the parameters and share them blockwise or
+universally.
 """
 import math
 from contextlib import contextmanager
@@ -207,9 +208,9 @@ def expansion_coefs(params):
     return params['coef'].unbind(-1) + ((params['w_base'],) if 'w_base' in params else ())
 
 
-def contract(maps, coefs, mask):
-    """Σ_m (mask ⊙ B_m) C_m^T per head: matmul broadcasts (b h i q) @ (h q p) without copies."""
-    return sum((B if mask is None else B * mask) @ C.mT for B, C in zip(maps, coefs))
+def contract(maps, values, mask):
+    """Σ_m (mask ⊙ B_m) X_m per head: matmul broadcasts (b h i j) @ (h|b h, j, e) without copies."""
+    return sum((B if mask is None else B * mask) @ X for B, X in zip(maps, values))
 
 
 def kan(x, basis, params, G, base='zero', mask=None):
@@ -219,8 +220,10 @@ def kan(x, basis, params, G, base='zero', mask=None):
     so that a masked input contributes exactly zero. Returns (b h i p).
     """
     if basis.expansion:
-        return contract(expansion_maps(x, basis, G, base), expansion_coefs(params), mask)
-    x_, p = rearrange(x, 'b h i q -> b h i 1 q'), {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
+        coefs = [C.mT for C in expansion_coefs(params)]
+        return contract(expansion_maps(x, basis, G, base), coefs, mask)
+    x_ = rearrange(x, 'b h i q -> b h i 1 q')
+    p = {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
     if basis.fn is rational:
         phi = rational(x_, p['a'], p['b'])
     else:
@@ -230,58 +233,9 @@ def kan(x, basis, params, G, base='zero', mask=None):
     out = phi.sum(-1)
     if 'w_base' in params:
         b = BASE_ACTIVATIONS[base](x)
-        out = out + einsum(b if mask is None else b * mask, params['w_base'], 'b h i q, h p q -> b h i p')
+        b = b if mask is None else b * mask
+        out = out + einsum(b, params['w_base'], 'b h i q, h p q -> b h i p')
     return out
-
-
-class RecomputedExpansion(torch.autograd.Function):
-    """`kan` of an expansion family keeping only x for backward, where the maps are recomputed:
-    dC_m = Σ_b (m ⊙ B_m)^T dZ and dx = Σ_m (m ⊙ dZ C_m) ⊙ B_m'(x)."""
-
-    @staticmethod
-    def forward(ctx, x, mask, basis, G, base, *coefs):
-        ctx.save_for_backward(x, mask, *coefs)
-        ctx.basis, ctx.G, ctx.base = basis, G, base
-        device = x.device.type  # backward runs outside autocast: it re-enters the forward's state
-        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
-                            dtype=torch.get_autocast_dtype(device))
-        return contract(expansion_maps(x, basis, G, base), coefs, mask)
-
-    @staticmethod
-    def backward(ctx, dZ):
-        x, mask, *coefs = ctx.saved_tensors
-        with torch.autocast(**ctx.autocast):
-            grads = [dZ @ C if mask is None else (dZ @ C) * mask for C in coefs]  # (b h i p) @ (h p q)
-            if ctx.basis.vjp is not None and ctx.base == 'zero':
-                maps, dx = ctx.basis.vjp(x, ctx.G, grads)
-            else:
-                with torch.enable_grad():
-                    x = x.detach().requires_grad_()
-                    maps = expansion_maps(x, ctx.basis, ctx.G, ctx.base)
-                outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1 is constant
-                dx = torch.autograd.grad(outs, x, gs)[0]
-            dcoefs = [((B if mask is None else B * mask).detach().mT @ dZ).sum(0).mT for B in maps]
-        return dx, None, None, None, None, *dcoefs
-
-
-CHUNK_ELEMENTS = 2 ** 22  # largest per-chunk feature tensor, in elements (16 MB in float32)
-
-
-def kan_rows(x, basis, params, G, base='zero', mask=None, n_out=None):
-    """`kan` over chunks of query rows whose features are recomputed in backward: the K
-    feature maps (or the (b h i p q) unit values) live one chunk at a time, and only x is
-    kept for the gradient."""
-    per_row = x.shape[0] * x.shape[1] * x.shape[-1] * (basis.size(G) if basis.expansion else n_out)
-    step = max(1, CHUNK_ELEMENTS // per_row)
-    if basis.expansion:
-        layer = lambda x, m: RecomputedExpansion.apply(x, m, basis, G, base, *expansion_coefs(params))
-    elif torch.is_grad_enabled():
-        layer = lambda x, m: checkpoint(kan, x, basis, params, G, base, m, use_reentrant=False)
-    else:
-        layer = lambda x, m: kan(x, basis, params, G, base, m)
-    chunks = [(x[:, :, i:i + step], None if mask is None else mask[:, :, i:i + step] if mask.shape[2] > 1 else mask)
-              for i in range(0, x.shape[2], step)]
-    return torch.cat([layer(*c) for c in chunks], dim=2) if len(chunks) > 1 else layer(*chunks[0])
 
 
 # §3  Attention operators ----------------------------------------------------------------
@@ -307,23 +261,20 @@ def karat_attention(A, V, op, mask=None, return_attention=False):
     projection) the output is computed as O = Z (W^T V) without the N x N matrix σ̂.
     Returns O (b h i d), or σ̂ (b h i j) when return_attention.
     """
-    G, basis, base = op.grid, op.basis, op.base
-    layer = kan_rows if op.efficient else (lambda x, b, p, G, base, m, n_out: kan(x, b, p, G, base, m))
-    Phi = lambda x, p, m, n_out: layer(x, basis, p, G, base, m, n_out)
-    N = A.shape[-1]
+    Phi = lambda x, params, mask: kan(x, op.basis, params, op.grid, op.base, mask)
     if op.rank is None:
-        S = Phi(A, op.phi, mask, N)
+        S = Phi(A, op.phi, mask)
     elif op.order == 'W_phi':
-        Z = Phi(A, op.phi, mask, op.rank)
+        Z = Phi(A, op.phi, mask)
         query_free_mask = mask is None or mask.shape[2] == 1
         if op.efficient and query_free_mask and not (op.simplex or return_attention):
             WtV = einsum(op.W, V if mask is None else V * rearrange(mask, 'b h 1 j -> b h j 1'), 'h j r, b h j d -> b h r d')
             return einsum(Z, WtV, 'b h i r, b h r d -> b h i d')
         S = einsum(Z, op.W, 'b h i r, h j r -> b h i j')
     elif op.order == 'phi_W':
-        S = Phi(einsum(A if mask is None else A * mask, op.W, 'b h i j, h j r -> b h i r'), op.phi, None, N)
+        S = Phi(einsum(A if mask is None else A * mask, op.W, 'b h i j, h j r -> b h i r'), op.phi, None)
     else:
-        S = Phi(Phi(A, op.phi, mask, op.rank), op.phi2, None, N)
+        S = Phi(Phi(A, op.phi, mask), op.phi2, None)
     if mask is not None:
         S = S * mask
     if op.simplex:
@@ -331,13 +282,148 @@ def karat_attention(A, V, op, mask=None, return_attention=False):
     return S if return_attention else einsum(S, V, 'b h i j, b h j d -> b h i d')
 
 
-# §4  Modules: parameters, sharing, one interface for softmax and KArAt ---------------------
+# §4  Fast paths: nothing N x N kept -----------------------------------------------------
+# karat_attention keeps the logits A (b h i j) for backward. The fast paths take q, k and the
+# bias instead and recompute the logits in backward: one chunk of query rows at a time in
+# PyTorch (kernel='torch'), tile by tile in fused Triton kernels (kernel='triton', kernels.py).
+# Every form they fuse is one primitive, Y = Σ_m (M ⊙ B_m(S)) X_m with S = scale q k^T + bias:
+#     low rank   X_m = C_m^T, Y = Z, then O = Z (W^T (M ⊙ V))
+#     full rank  X_m = U_m = C_m^T (M ⊙ V), Y = O
+# A mask that depends on the query masks σ̂ = M ⊙ (Z W^T) too, so O = Z (W^T V) no longer
+# factors: O is a second pass of the primitive with q = Z, k = W, scale 1 and B(x) = x. Unit
+# families give Z_ip = Σ_j M_ij φ_pj(S_ij) the same way. The remaining forms (ablation orders,
+# the simplex, full-rank units, full rank under a per-query mask) run the definition on
+# chunks of rows, recomputed in backward.
 
-def check_options(attn='softmax', mode='blockwise', grid=3, rank=12, base='zero', order='W_phi', seq_len=None):
+KERNELS = ('auto', 'torch', 'triton')
+
+
+def linear(x, G):
+    """B(x) = x, the one map of the per-query mask's second pass."""
+    return [x]
+
+
+LINEAR = Basis(linear, True, lambda G: 1, vjp=lambda x, G, grads: ([x], grads[0]))
+
+
+def chunk_elements(device):
+    """Default size of a chunk's feature tensor, in elements: 16 MB of float32 on a CPU, where
+    small chunks stay in cache; 1 GB on a GPU, which wants few large launches."""
+    return 2 ** 22 if device.type == 'cpu' else 2 ** 28
+
+
+class RecomputedExpansion(torch.autograd.Function):
+    """Y = Σ_m (M ⊙ B_m(S)) X_m keeping only q, k and the bias; backward recomputes S and the
+    maps: dX_m = F_m^T dY, dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k, dk = scale dS^T q."""
+
+    @staticmethod
+    def forward(ctx, q, k, bias, mask, X, scale, basis, G, base):
+        ctx.save_for_backward(q, k, bias, mask, X)
+        ctx.static = scale, basis, G, base
+        device = q.device.type  # backward runs outside autocast: it re-enters the forward's state
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
+        return contract(expansion_maps(logits(q, k, bias, scale), basis, G, base), X.unbind(2), mask)
+
+    @staticmethod
+    def backward(ctx, dY):
+        q, k, bias, mask, X = ctx.saved_tensors
+        scale, basis, G, base = ctx.static
+        with torch.autocast(**ctx.autocast):
+            S = logits(q, k, bias, scale)
+            grads = [dY @ Xm.mT if mask is None else (dY @ Xm.mT) * mask for Xm in X.unbind(2)]
+            if basis.vjp is not None and base == 'zero':
+                maps, dS = basis.vjp(S, G, grads)
+            else:
+                with torch.enable_grad():
+                    S = S.detach().requires_grad_()
+                    maps = expansion_maps(S, basis, G, base)
+                outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1
+                dS = torch.autograd.grad(outs, S, gs)[0]
+            dX = torch.stack([(B if mask is None else B * mask).detach().mT @ dY for B in maps], 2)
+            dq, dk = dS @ k * scale, dS.mT @ q * scale
+        dbias = None if bias is None else dS.sum_to_size(bias.shape)
+        return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 4
+
+
+def over_rows(fn, q, bias, mask, elements, per_row):
+    """fn(q, bias, mask) on chunks of query rows, each at most `elements` // `per_row` rows,
+    concatenated; bias and mask (b|1, h|1, i|1, j) are cut with q where they have rows."""
+    step = max(1, elements // per_row)
+    if step >= q.shape[2]:
+        return fn(q, bias, mask)
+    rows = lambda t, i: t if t is None or t.shape[2] == 1 else t[:, :, i:i + step]
+    return torch.cat([fn(rows(q, i), rows(bias, i), rows(mask, i))
+                      for i in range(0, q.shape[2], step)], dim=2)
+
+
+def recomputed(fn):
+    """fn, checkpointed when a gradient is needed: it keeps its inputs, not its intermediates."""
+    return lambda *x: checkpoint(fn, *x, use_reentrant=False) if torch.is_grad_enabled() else fn(*x)
+
+
+def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
+    """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
+    layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base)
+    return over_rows(layer, q, bias, mask, elements, q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2])
+
+
+def rows_units(q, k, bias, mask, params, basis, G, base, scale, elements):
+    """Z_ip = Σ_j M_ij φ_pj(S_ij) of a unit family in PyTorch, chunk by chunk."""
+    layer = recomputed(lambda q, bias, mask: kan(logits(q, k, bias, scale), basis, params, G, base, mask))
+    n_out = next(iter(params.values())).shape[1]
+    return over_rows(layer, q, bias, mask, elements, q.shape[0] * q.shape[1] * k.shape[2] * n_out)
+
+
+def fast_path(kernel, device):
+    """The (expansion, units) primitives of kernel 'auto' | 'torch' | 'triton'. 'auto' is
+    PyTorch everywhere until a GPU measurement shows the Triton path faster."""
+    if kernel != 'triton':
+        return rows_expansion, rows_units
+    try:
+        import kernels
+    except ImportError as e:
+        raise ValueError(f"kernel='triton' needs Triton ({e}); allowed here: 'torch', 'auto'")
+    if device.type != 'cuda' and not kernels.INTERPRET:
+        raise ValueError(f"kernel='triton' runs on a CUDA GPU (or under TRITON_INTERPRET=1), "
+                         f"got tensors on {device.type}; allowed here: 'torch', 'auto'")
+    return kernels.karat_expansion, kernels.karat_units
+
+
+def fast_attention(q, k, v, bias, mask, op):
+    """karat_attention(logits(q, k, bias), v, op, mask) with nothing N x N kept for backward.
+
+    q, k (b h i d), (b h j d); v (b h j e); bias, mask broadcastable to (b h i j)."""
+    expansion, units = fast_path(op.kernel, q.device)
+    elements, scale = op.chunk_elements or chunk_elements(q.device), q.shape[-1] ** -0.5
+    query_mask = mask is not None and mask.shape[2] > 1
+    vm = v if mask is None or query_mask else v * rearrange(mask, 'b h 1 j -> b h j 1')
+    if op.order != 'W_phi' or op.simplex or (op.rank is None and (query_mask or not op.basis.expansion)):
+        layer = recomputed(lambda q, bias, mask: karat_attention(logits(q, k, bias), v, op, mask))
+        per_row = q.shape[0] * q.shape[1] * k.shape[2] * (op.basis.size(op.grid) if op.basis.expansion else 1)
+        return over_rows(layer, q, bias, mask, elements, per_row * (op.rank or k.shape[2]))
+    if op.rank is None:
+        U = torch.stack([einsum(C, vm, 'h p q, b h p d -> b h q d') for C in expansion_coefs(op.phi)], 2)
+        return expansion(q, k, bias, mask, U, scale, op.basis, op.grid, op.base, elements)
+    if op.basis.expansion:
+        X = torch.stack([C.mT for C in expansion_coefs(op.phi)], 1)[None]
+        Z = expansion(q, k, bias, mask, X, scale, op.basis, op.grid, op.base, elements)
+    else:
+        Z = units(q, k, bias, mask, dict(op.phi), op.basis, op.grid, op.base, scale, elements)
+    if not query_mask:
+        return Z @ einsum(op.W, vm, 'h j r, b h j d -> b h r d')
+    return expansion(Z, op.W[None], None, mask, v[:, :, None], 1.0, LINEAR, 1, 'zero', elements)
+
+
+# §5  Modules: parameters, sharing, one interface for softmax and KArAt ---------------------
+
+def check_options(attn='softmax', mode='blockwise', grid=3, rank=12, base='zero', order='W_phi', seq_len=None,
+                  kernel='auto'):
     """Raise a ValueError naming the bad option and its allowed values."""
     def bad(what, allowed):
         raise ValueError(f"{what}; allowed: {allowed}")
     if attn not in ATTENTIONS: bad(f"unknown attention {attn!r}", ', '.join(ATTENTIONS))
+    if kernel not in KERNELS: bad(f"unknown kernel {kernel!r}", ', '.join(KERNELS))
     if mode not in MODES: bad(f"unknown mode {mode!r}", ', '.join(MODES))
     if base not in BASE_ACTIVATIONS: bad(f"unknown base activation {base!r}", ', '.join(BASE_ACTIVATIONS))
     if order not in ORDERS: bad(f"unknown operator order {order!r}", ', '.join(ORDERS))
@@ -354,20 +440,25 @@ class Operator(nn.Module):
     rank r: Φ̂ with r x N units per head and W ∈ R^{N x r}; rank None: the full Φ, N x N units.
     order: 'W_phi' σ̂ = W Φ̂(A) | 'phi_W' σ̂ = Φ(W^T A) | 'phi_phi' σ̂ = Φ₂(Φ₁(A)).
     simplex: project each activated row onto the probability simplex (off, as in the paper).
-    efficient: chunked, recomputed features and the re-associated output; False gives the
-    naive materialised formula (kept for tests and benchmarks).
+    efficient: the fast paths (§4), which keep only q, k and the bias for backward; False gives
+    the naive materialised formula (kept for tests and benchmarks).
+    kernel: the fast path, 'torch' (chunks of query rows), 'triton' (fused kernels, CUDA) or
+    'auto' (PyTorch until the Triton path is measured faster on a GPU).
+    chunk_elements: features per chunk of the PyTorch path; None: `chunk_elements(device)`.
 
     Init: every σ̂ entry has variance ~1/N, like the entries of a unit-norm row, so the
     output Σ_n σ̂_n V_n is on the scale of V, as with softmax.
     """
 
-    def __init__(self, attn, heads, seq_len, grid=3, rank=12, base='zero', order='W_phi', simplex=False, efficient=True):
+    def __init__(self, attn, heads, seq_len, grid=3, rank=12, base='zero', order='W_phi', simplex=False, efficient=True,
+                 kernel='auto', chunk_elements=None):
         super().__init__()
-        check_options(attn, 'blockwise', grid, rank, base, order, seq_len)
+        check_options(attn, 'blockwise', grid, rank, base, order, seq_len, kernel)
         if attn == 'softmax':
             raise ValueError(f"Operator needs a basis, got 'softmax'; allowed: {', '.join(BASES)}")
         self.attn, self.basis, self.heads, self.seq_len = attn, BASES[attn], heads, seq_len
         self.grid, self.rank, self.base, self.order, self.simplex, self.efficient = grid, rank, base, order, simplex, efficient
+        self.kernel, self.chunk_elements = kernel, chunk_elements
         N, r = seq_len, rank
         params = lambda n_out, n_in, std: nn.ParameterDict(init_kan(self.basis, heads, n_out, n_in, grid, base, std))
         if rank is None:
@@ -399,9 +490,9 @@ class Operator(nn.Module):
         return (2,)
 
 
-def logits(q, k, bias=None):
-    """A = q k^T / sqrt(d) (+ bias): (b h i d), (b h j d) -> (b h i j)."""
-    A = einsum(q, k, 'b h i d, b h j d -> b h i j') * q.shape[-1] ** -0.5
+def logits(q, k, bias=None, scale=None):
+    """A = q k^T / sqrt(d) (+ bias): (b h i d), (b h j d) -> (b h i j); another scale if given."""
+    A = einsum(q, k, 'b h i d, b h j d -> b h i j') * (q.shape[-1] ** -0.5 if scale is None else scale)
     return A if bias is None else A + bias
 
 
@@ -416,13 +507,14 @@ def check_qkv(q, k, v, seq_len=None):
                          "a KArAt model accepts only the sequence length (image size) it was built for")
 
 
+def four_d(t):
+    """A bias or mask broadcastable to (b h i j), with its missing leading axes as size 1."""
+    return t if t is None else t.reshape((1,) * (4 - t.dim()) + t.shape)
+
+
 def as_mask(mask, dtype):
     """Bool or 0/1 mask broadcastable to (b h i j) -> 4-D 0/1 tensor of `dtype`."""
-    if mask is None:
-        return None
-    while mask.dim() < 4:
-        mask = mask[None]
-    return mask.to(dtype)
+    return None if mask is None else four_d(mask).to(dtype)
 
 
 class Softmax(nn.Module):
@@ -457,7 +549,10 @@ class KArAt(nn.Module):
 
     def forward(self, q, k, v, bias=None, mask=None):
         check_qkv(q, k, v, self.operator.seq_len)
-        return self.operator(logits(q, k, bias), v, as_mask(mask, q.dtype))
+        mask, op = as_mask(mask, q.dtype), self.operator
+        if op.efficient:
+            return fast_attention(q, k, v, four_d(bias), mask, op)
+        return op(logits(q, k, bias), v, mask)
 
     def activate(self, q, k, bias=None, mask=None):
         """The activated N x N matrix σ̂ (b h i j): built only when asked for."""
@@ -465,20 +560,21 @@ class KArAt(nn.Module):
         return self.operator(logits(q, k, bias), None, as_mask(mask, q.dtype), return_attention=True)
 
 
-def attention_maker(attn='softmax', mode='blockwise', grid=3, rank=12, base='zero', order='W_phi', simplex=False, efficient=True):
+def attention_maker(attn='softmax', mode='blockwise', grid=3, rank=12, base='zero', order='W_phi', simplex=False, efficient=True,
+                    kernel='auto'):
     """Returns make(heads, seq_len) -> attention module, for models to call once per block.
 
     mode 'blockwise': every block gets its own operators ("GnB"); 'universal': one set of
     operators per (heads, N) shared by all blocks ("GnU"). Options are checked here, once.
     """
-    check_options(attn, mode, grid, rank, base, order)
+    check_options(attn, mode, grid, rank, base, order, kernel=kernel)
     shared = {}
 
     def make(heads, seq_len):
         if attn == 'softmax':
             return Softmax()
         if mode == 'blockwise' or (heads, seq_len) not in shared:
-            shared[heads, seq_len] = Operator(attn, heads, seq_len, grid, rank, base, order, simplex, efficient)
+            shared[heads, seq_len] = Operator(attn, heads, seq_len, grid, rank, base, order, simplex, efficient, kernel)
         return KArAt(shared[heads, seq_len])
     return make
 

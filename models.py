@@ -386,7 +386,7 @@ MODELS = {
     'swin_s': (SwinTransformer, dict(embed_dim=96, depth=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))),
     'swin_b': (SwinTransformer, dict(embed_dim=128, depth=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))),
 }
-ATTENTION_OPTIONS = ('mode', 'grid', 'rank', 'base', 'order', 'simplex', 'efficient')
+ATTENTION_OPTIONS = ('mode', 'grid', 'rank', 'base', 'order', 'simplex', 'efficient', 'kernel')
 
 
 def list_models():
@@ -416,7 +416,7 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
     """Build a model by name with the attention `attn` ('softmax' or a basis of karat.BASES).
 
     KArAt options: mode ('blockwise' | 'universal': one operator set per (heads, N), so per
-    stage in Swin), grid (G), rank (r; None = full N x N), base, order, simplex, efficient.
+    stage in Swin), grid (G), rank (r; None = full N x N), base, order, simplex, efficient, kernel.
     Architecture overrides: patch_size, embed_dim, depth, num_heads, in_chans, drop_path_rate;
     window_size for Swin (whose depth and num_heads are per-stage tuples); locality_strength for
     ConViT. num_classes and img_size default to the model's own: 1000 and 224 for classifiers, see the

@@ -1,0 +1,148 @@
+"""Compile every fused kernel for the GPUs users have, on a machine without one.
+
+Triton's compiler emits PTX for a target named by hand (GPUTarget('cuda', 90, 32)); the ptxas
+bundled with Triton assembles it and reports registers and spills. The launches are the real
+ones: the ops of kernels.py are called on CPU tensors with `wrap_triton` replaced by a
+recorder, so the signature, constexprs and block configs are exactly what a GPU run compiles.
+
+    python tests/compile_kernels.py [--arch 90 80] [--quick]   # a table, one row a kernel
+
+Must run without TRITON_INTERPRET (the interpreter replaces the kernels it compiles).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import kernels  # noqa: E402
+
+PTXAS = Path(kernels.triton.backends.nvidia.__file__).parent / 'bin' / 'ptxas'
+TYPES = {torch.bfloat16: 'bf16', torch.float16: 'fp16', torch.float32: 'fp32'}
+
+
+def record(call):
+    """The (kernel, args, constexprs) launches that `call` makes, without running them."""
+    launches = []
+
+    def recorder(kernel):
+        return type('Grid', (), {'__getitem__': lambda self, grid: lambda *a, **kw: launches.append(
+            (kernel, a, kw))})()
+    saved, kernels.wrap_triton = kernels.wrap_triton, recorder
+    try:
+        call()
+    finally:
+        kernels.wrap_triton = saved
+    return launches
+
+
+def specializations(quick=False):
+    """(name, launches) for what the models run at ViT-Tiny's shape (N = 197, d = 64, r = 12):
+    every basis low-rank in bf16, Fourier also with Swin's bias and mask, in float32, at full
+    rank (e = d = 64) and as the per-query mask's second pass."""
+    B, H, N, d, r = 2, 3, 197, 64, 12
+    t = lambda *shape, dtype=torch.bfloat16: torch.zeros(*shape, dtype=dtype)
+    bias, key_mask, query_mask = t(1, H, N, N, dtype=torch.float32), t(B, 1, 1, N), t(B, 1, N, N)
+
+    def expansion(basis, dtype=torch.bfloat16, e=r, bias=None, mask=None, base='zero', k=None):
+        q = t(B, H, N, d if basis != 'linear' else r, dtype=dtype)
+        k = q[:1] if k is None else k
+        maps = kernels._maps(kernels.EXPANSIONS[basis], 3, kernels.BASES[base], -4.0, 4.0)
+        X = t(1 if e == r else B, H, maps['NMAPS'], N, e, dtype=dtype)
+        args = (q, k, bias, mask, X, 0.125, kernels.EXPANSIONS[basis], 3, kernels.BASES[base],
+                -4.0, 4.0)
+        return record(lambda: (kernels.expansion(*args), kernels.expansion_backward(
+            t(B, H, N, e, dtype=dtype), *args, bias is not None)))
+
+    def units(unit):
+        q, P = t(B, H, N, d), t(H, 10 if unit == 'rational' else 3, r, N, dtype=torch.float32)
+        args = (q, q[:1], None, key_mask, P, kernels.UNITS[unit], 0.125)
+        return record(lambda: (kernels.units(*args),
+                               kernels.units_backward(t(B, H, N, r), *args, False)))
+    specs = {'fourier bf16': expansion('fourier'),
+             'fourier bf16 bias+mask': expansion('fourier', bias=bias, mask=query_mask)}
+    if quick:
+        return specs
+    specs.update({
+        'fourier fp32': expansion('fourier', dtype=torch.float32),
+        'fourier bf16 full rank, key mask': expansion('fourier', e=d, mask=key_mask),
+        'bspline bf16': expansion('bspline'),
+        'chebyshev bf16 silu': expansion('chebyshev', base='silu'),
+        'gaussian bf16': expansion('gaussian'),
+        'second pass bf16': expansion('linear', e=d, mask=query_mask, k=t(1, H, N, r)),
+        **{f'{u} bf16': units(u) for u in kernels.UNITS}})
+    return specs
+
+
+def signature(kernel, args, constexprs):
+    sig = {}
+    for name, value in zip(kernel.fn.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = '*' + TYPES[value.dtype]
+        else:
+            sig[name] = 'fp32' if isinstance(value, float) else 'i32'
+    return {**sig, **{name: 'constexpr' for name in constexprs}}
+
+
+def compile_one(job):
+    """Registers, spilled bytes and shared memory of one kernel, config and arch."""
+    name, args, kw, config, arch = job
+    kernel = getattr(kernels, name)
+    constexprs = {**kw, **config.kwargs}
+    src = ASTSource(fn=kernel.fn, signature=signature(kernel, args, constexprs),
+                    constexprs=constexprs)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.maxnreg:
+        options['maxnreg'] = config.maxnreg
+    compiled = triton.compile(src, target=GPUTarget('cuda', arch, 32), options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / 'kernel.ptx'
+        ptx.write_text(compiled.asm['ptx'])
+        gpu = f'sm_{arch}a' if arch >= 90 else f'sm_{arch}'
+        out = subprocess.run([str(PTXAS), '-v', f'--gpu-name={gpu}', str(ptx), '-o', os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r'Used (\d+) registers', out).group(1))
+    spills = sum(int(n) for n in re.findall(r'(\d+) bytes spill', out))
+    return registers, spills, compiled.metadata.shared
+
+
+def jobs(archs, quick=False):
+    for spec, launches in specializations(quick).items():
+        for kernel, args, kw in launches:
+            for config in kernel.configs:
+                for arch in archs:
+                    yield spec, (kernel.fn.__name__, args, kw, config, arch)
+
+
+def report(archs=(90, 80), quick=False, workers=2):
+    """One row a compiled kernel: spec, kernel, config, arch, registers, spills, shared bytes."""
+    todo = list(jobs(archs, quick))
+    with ProcessPoolExecutor(workers) as pool:
+        results = pool.map(compile_one, [job for _, job in todo])
+        return [(spec, job[0], job[3], job[4], *result)
+                for (spec, job), result in zip(todo, results)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--arch', type=int, nargs='+', default=[90, 80])
+    parser.add_argument('--quick', action='store_true', help='Fourier only')
+    args = parser.parse_args()
+    print('spec | kernel | BLOCK_M x BLOCK_N, warps | sm | registers | spilled bytes | shared KB')
+    for spec, name, config, arch, registers, spills, shared in report(args.arch, args.quick):
+        c = config.kwargs
+        print(f"{spec} | {name} | {c['BLOCK_M']}x{c['BLOCK_N']}, {config.num_warps} | {arch} | "
+              f"{registers} | {spills} | {shared / 1024:.0f}", flush=True)
+
+
+if __name__ == '__main__':
+    main()

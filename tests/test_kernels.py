@@ -1,0 +1,214 @@
+"""The fast paths equal karat.py's definition: the PyTorch path (kernel='torch') and the fused
+Triton kernels (kernel='triton', run by Triton's interpreter on CPU tensors; see conftest.py),
+forward and every gradient, for every basis, low rank and full, with Swin's bias and shift
+mask and with a padding mask, at sequence lengths that are not multiples of a block. Neither
+keeps anything N x N for backward, and every kernel compiles for sm_80 and sm_90."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import karat
+import models
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = ['torch', 'triton']
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def inputs(N, masking, b=2, h=2, d=4, seed=1):
+    """q, k, v, bias and mask as the models give them: none; ViTDet's padding (a key mask);
+    Swin's relative position bias and shift mask (per query, several windows per image)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = [torch.randn(b, h, N, d, generator=g, requires_grad=True) for _ in range(3)]
+    bias = mask = None
+    if masking == 'padding':
+        mask = torch.arange(N) < N - N // 3
+        mask = mask.expand(b, 1, 1, N)
+    elif masking == 'shift':
+        bias = torch.randn(h, N, N, generator=g).requires_grad_()
+        region = torch.randint(0, 3, (b, N), generator=g)
+        mask = (region[:, None, :, None] == region[:, None, None, :])
+    return q, k, v, bias, mask
+
+
+def outputs_and_grads(attend, q, k, v, bias, mask):
+    out = attend(q, k, v, bias, mask)
+    leaves = [t for t in (q, k, v, bias) if t is not None] + list(attend.parameters())
+    g = torch.Generator().manual_seed(2)
+    return [out, *torch.autograd.grad(out, leaves, torch.randn(out.shape, generator=g))]
+
+
+def fast_and_naive(attn, kernel, N, masking, chunk=64, **options):
+    torch.manual_seed(0)
+    op = karat.Operator(attn, 2, N, kernel=kernel, chunk_elements=chunk, **options)
+    attend, data = karat.KArAt(op), inputs(N, masking)
+    results = []
+    for efficient in (True, False):
+        op.efficient = efficient
+        results.append(outputs_and_grads(attend, *data))
+    return results
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+@pytest.mark.parametrize('attn', karat.BASES)
+@pytest.mark.parametrize('rank', [3, None])
+@pytest.mark.parametrize('masking', ['none', 'padding', 'shift'])
+def test_fast_path_equals_the_definition(kernel, attn, rank, masking):
+    """Output and the gradients of q, k, v, the bias and every parameter, float64, N = 17."""
+    fast, naive = fast_and_naive(attn, kernel, 17, masking, rank=rank)
+    for ours, reference in zip(fast, naive):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+@pytest.mark.parametrize('attn, N, masking', [('fourier', 49, 'shift'), ('rational', 49, 'shift'),
+                                              ('bspline', 65, 'padding'), ('morlet', 65, 'padding')])
+def test_fast_path_at_model_lengths(kernel, attn, N, masking):
+    """Swin's windows (N = 49) and ViT-Tiny at 32 px (N = 65): several ragged blocks."""
+    fast, naive = fast_and_naive(attn, kernel, N, masking, chunk=2 ** 12, rank=12)
+    for ours, reference in zip(fast, naive):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+@pytest.mark.parametrize('attn', ['fourier', 'chebyshev', 'mexican_hat'])
+@pytest.mark.parametrize('base', ['silu', 'identity', 'gelu'])
+def test_fast_path_with_a_base_activation(kernel, attn, base):
+    fast, naive = fast_and_naive(attn, kernel, 17, 'padding', rank=3, base=base)
+    for ours, reference in zip(fast, naive):
+        torch.testing.assert_close(ours, reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+@pytest.mark.parametrize('attn', ['fourier', 'bspline', 'rational'])
+@pytest.mark.parametrize('rank', [12, None])
+def test_fast_path_under_bf16_autocast(kernel, attn, rank):
+    """`--amp`: bf16 inputs under autocast agree with the float64 definition to bf16 precision."""
+    torch.manual_seed(0)
+    op = karat.Operator(attn, 2, 49, rank=rank, kernel=kernel)
+    data = inputs(49, 'shift' if rank else 'padding')
+    op.efficient = False
+    reference = outputs_and_grads(karat.KArAt(op), *data)
+    op.efficient = True
+    q, k, v, bias, mask = [t if t is None else t.detach() for t in data]
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)] + [bias if bias is None else bias.float().requires_grad_(), mask]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        fast = outputs_and_grads(karat.KArAt(op.float()), *low)
+    for ours, exact in zip(fast, reference):
+        assert ours.dtype in (torch.bfloat16, torch.float32)
+        assert (ours.double() - exact).norm() <= 0.03 * exact.norm()
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+@pytest.mark.parametrize('mode', karat.MODES)
+def test_a_vit_with_the_fast_path_equals_the_naive_vit(kernel, mode):
+    """Blockwise and universal operators inside a model: the loss and every gradient."""
+    grads = []
+    for options in (dict(kernel=kernel), dict(efficient=False)):
+        torch.manual_seed(0)
+        model = models.create_model('vit_tiny', attn='fourier', img_size=16, patch_size=4,
+                                    num_classes=3, depth=2, embed_dim=16, num_heads=2, mode=mode,
+                                    **options)
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+        loss = model(x).logsumexp(-1).sum()
+        grads.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    for ours, naive in zip(*grads):
+        torch.testing.assert_close(ours, naive, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('kernel', PATHS)
+def test_a_swin_with_the_fast_path_equals_the_naive_swin(kernel):
+    """Shifted windows: the relative position bias gets its gradient through the fused path."""
+    grads = []
+    for options in (dict(kernel=kernel), dict(efficient=False)):
+        torch.manual_seed(0)
+        model = models.create_model('swin_t', attn='fourier', img_size=56, num_classes=3,
+                                    embed_dim=8, depth=(2,), num_heads=(2,), **options)
+        x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(1))
+        loss = model(x).logsumexp(-1).sum()
+        grads.append([loss, *torch.autograd.grad(loss, list(model.parameters()))])
+    bias_table = [n for n, _ in model.named_parameters()].index(
+        'stages.0.0.attn.relative_position_bias_table')
+    assert grads[0][1 + bias_table].abs().sum() > 0
+    for ours, naive in zip(*grads):
+        torch.testing.assert_close(ours, naive, rtol=1e-9, atol=1e-9)
+
+
+def saved_sizes(fn):
+    """The element count of every tensor autograd saves while fn runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sizes
+
+
+@pytest.mark.parametrize('kernel', PATHS + ['naive'])
+@pytest.mark.parametrize('attn, rank, masking', [('fourier', 12, 'padding'), ('fourier', None, 'padding'),
+                                                 ('fourier', 12, 'shift'), ('rational', 12, 'none')])
+def test_nothing_n_by_n_is_saved_for_backward(kernel, attn, rank, masking):
+    """No saved tensor holds N x N elements per (batch, head); the naive formula does (the logits
+    A), which shows the check can fail."""
+    N, b, h = 49, 2, 2
+    op = karat.Operator(attn, h, N, rank=rank, kernel='torch' if kernel == 'naive' else kernel,
+                        efficient=kernel != 'naive')
+    q, k, v, bias, mask = inputs(N, masking, b=b, h=h)
+    largest = max(saved_sizes(lambda: karat.KArAt(op)(q, k, v, bias, mask)))
+    if kernel == 'naive':
+        assert largest >= b * h * N * N
+    else:
+        assert largest < b * h * N * N
+
+
+def test_triton_kernel_is_refused_where_it_cannot_run(monkeypatch):
+    import kernels
+    monkeypatch.setattr(kernels, 'INTERPRET', False)
+    attend = karat.attention_maker('fourier', rank=3, kernel='triton')(2, 7)
+    q, k, v, _, _ = inputs(7, 'none')
+    with pytest.raises(ValueError, match=r"kernel='triton' runs on a CUDA GPU .*got tensors on cpu"):
+        attend(q, k, v)
+    with pytest.raises(ValueError, match="unknown kernel 'cuda'; allowed: auto, torch, triton"):
+        karat.attention_maker('fourier', kernel='cuda')
+
+
+def test_the_fused_ops_pass_torch_librarys_checks():
+    """Schema, fake tensors and autograd registration: what torch.compile needs to keep each op
+    whole."""
+    import kernels
+    q, k, v, bias, mask = inputs(17, 'shift', d=16)
+    X = torch.randn(1, 2, 2, 17, 5, requires_grad=True)
+    torch.library.opcheck(kernels.expansion, (q, k, bias, mask.double(), X, 0.25, 0, 1, 0, -4.0, 4.0),
+                          test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))
+    P = torch.stack([torch.randn(2, 5, 17), torch.zeros(2, 5, 17), torch.ones(2, 5, 17)], 1)
+    torch.library.opcheck(kernels.units, (q, k, bias, mask.double(), P.requires_grad_(), 1, 0.25),
+                          test_utils=('test_schema', 'test_faketensor', 'test_autograd_registration'))
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+    """Triton's compiler and ptxas, no GPU: every kernel specialization the models use, each
+    autotune config, for Ampere and Hopper. The interpreter alone cannot catch what only the GPU
+    compiler refuses (tile shapes, dtypes of tl.dot, registers)."""
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, str(ROOT / 'tests' / 'compile_kernels.py')], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split(' | ') for line in run.stdout.splitlines()[1:]]
+    spilled = [row for row in rows if int(row[5]) > 0]
+    assert not spilled, spilled
+    compiled = {(row[1], row[3]) for row in rows}
+    import kernels
+    names = [name for name in dir(kernels) if name.endswith('_kernel')]
+    assert compiled == {(name, sm) for name in names for sm in ('90', '80')}
