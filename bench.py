@@ -3,10 +3,13 @@ the median step time and the peak memory, one JSON line per path.
 
     python bench.py --attn fourier --img-size 224 --patch-size 16 --batch-size 8 --device cpu
     python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 --amp --device cuda
-    python bench.py --paths ours,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
+    python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
+    python bench.py --compare --call 32,3,197,64 --amp          # one attention call, forward + backward
+    TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32 --patch-size 4
+    python bench.py --gpu [DIR]     # on a GPU: tests/test_gpu.py and the README's GPU rows, into DIR
 
-A path is one way of computing a model: softmax attention, our KArAt, or the naive materialised
-formula. The paths of one run are built and measured in one process, side by side: each model is
+A path is one way of computing a model: softmax attention, KArAt by its PyTorch path or its
+fused Triton kernels, or KArAt by the naive materialised formula. The paths of one run are built and measured in one process, side by side: each model is
 built and its memory measured in turn, then their timed steps are interleaved, so that a machine
 whose speed drifts slows all of them alike. Peak memory counts weights, gradients, optimiser state
 and activations: the growth from just before the model was built to the peak of two steps (GPU:
@@ -16,8 +19,10 @@ torch.cuda.max_memory_allocated; CPU: the resident set's high-water mark, VmHWM,
 import argparse
 import ctypes
 import json
+import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,17 +30,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, model_arguments, model_config,
-                   optimizer_for, positive)
+import karat
+from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, ints, model_arguments,
+                   model_config, optimizer_for, positive)
 
-# A path: its name and the model flags it sets. --compare runs COMPARED; a new way of computing
-# the same model (another kernel, say) is one more entry here.
+# A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
+# 'triton'); a new way of computing the same model is one more entry here.
 PATHS = {
-    'softmax': dict(attn='softmax', naive=False),         # scaled_dot_product_attention
-    'ours': dict(naive=False),                             # KArAt: O = Z (Wᵀ V), features recomputed in backward
-    'naive': dict(naive=True),                             # KArAt as the paper computes it (efficient=False)
+    'softmax': dict(attn='softmax', naive=False),     # scaled_dot_product_attention
+    'torch': dict(naive=False, kernel='torch'),        # KArAt, logits recomputed by chunks of rows
+    'triton': dict(naive=False, kernel='triton'),      # KArAt, fused Triton kernels (kernels.py)
+    'naive': dict(naive=True),                         # KArAt as the paper computes it (efficient=False)
 }
-COMPARED = ('softmax', 'ours', 'naive')
+COMPARED = ('softmax', 'torch', 'naive')
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
@@ -60,15 +67,25 @@ def parse_args(argv=None):
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--bench-steps', type=positive, default=20, help='timed steps per path, after warm-up')
     g.add_argument('--paths', type=path_names, help=f"comma-separated, of {', '.join(PATHS)}")
-    g.add_argument('--compare', action='store_true', help=f"--paths {','.join(COMPARED)}")
+    g.add_argument('--compare', action='store_true', help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
+    g.add_argument('--call', type=ints, metavar='B,H,N,D',
+                   help='time one attention call (forward + backward) of this shape instead of a model')
+    g.add_argument('--ops', action='store_true',
+                   help='count the leaf ATen ops of one forward + backward instead of timing')
     args = p.parse_args(argv)
+    if args.call and len(args.call) != 4:
+        p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
     if args.model.startswith('vitdet'):
         p.error(f"bench.py times classifiers; a detector's step needs boxes and masks: time --model {args.model} "
                 f"with train.py --dataset shapes")
-    args.paths = args.paths or (list(COMPARED) if args.compare else
-                                ['softmax' if args.attn == 'softmax' else 'naive' if args.naive else 'ours'])
+    compared = [*COMPARED[:2], 'triton', COMPARED[2]] if args.device.startswith('cuda') else list(COMPARED)
+    args.paths = args.paths or (compared if args.compare else
+                                ['softmax' if args.attn == 'softmax' else 'naive' if args.naive else
+                                 'triton' if args.kernel == 'triton' else 'torch'])
     if args.attn == 'softmax' and args.paths != ['softmax']:
         p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; got --attn softmax")
+    if 'triton' in args.paths and not args.device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        p.error("the triton path runs on a CUDA GPU (or, for --ops, under TRITON_INTERPRET=1)")
     return apply_recipe(args)
 
 
@@ -109,6 +126,41 @@ def train_step(model, optimizer, images, labels, args, cuda):
     return step
 
 
+def model_step(args, path, device, cuda):
+    """A train step of the model by `path` on a fixed random batch, and what identifies it."""
+    flags = argparse.Namespace(**vars(args) | PATHS[path])
+    classes = DATASETS[args.dataset].classes or 1000
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    labels = torch.randint(0, classes, (args.batch_size,), device=device)
+    torch.manual_seed(args.seed)
+    model = build_model(model_config(flags, classes)).to(device)
+    step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
+                      images, labels, args, cuda)
+    return step, dict(model=args.model, attn=flags.attn, naive=flags.naive, batch=args.batch_size,
+                      img_size=args.img_size, patch_size=model.config.get('patch_size'))
+
+
+def attention_step(args, path, device, cuda):
+    """Forward and backward of one attention call on random q, k, v (b h N d) by `path`."""
+    b, h, N, d = args.call
+    flags = argparse.Namespace(**vars(args) | PATHS[path])
+    torch.manual_seed(args.seed)
+    attend = karat.attention_maker(flags.attn, flags.mode, flags.grid, None if flags.rank == 'full'
+                                   else min(flags.rank, N), flags.base, flags.order, flags.simplex,
+                                   not flags.naive, flags.kernel)(h, N).to(device)
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad = torch.randn(b, h, N, d, device=device, dtype=dtype)
+
+    def step():
+        with autocast(args):
+            out = attend(q, k, v)
+        out.backward(grad)
+        if cuda:
+            torch.cuda.synchronize()
+    return step, dict(model='attention', attn=flags.attn, naive=flags.naive, batch=b, heads=h, N=N, d=d)
+
+
 def benchmark(args):
     """One JSON line per path: median step time over --bench-steps interleaved steps, and peak
     memory. On a CPU glibc first serves every block of 64 KiB or more with a mapping of its own,
@@ -120,25 +172,19 @@ def benchmark(args):
     libc = None if cuda or not measured else ctypes.CDLL('libc.so.6')
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    classes = DATASETS[args.dataset].classes or 1000
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, classes, (args.batch_size,), device=device)
+    make = attention_step if args.call else model_step
 
     def build_and_measure(path):
-        flags = argparse.Namespace(**vars(args) | PATHS[path])
         before = memory_now(cuda, device) if measured else None
-        torch.manual_seed(args.seed)
-        model = build_model(model_config(flags, classes)).to(device)
-        step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
-                          images, labels, args, cuda)
+        step, info = make(args, path, device, cuda)
         for _ in range(3):
             step()
         if measured:
             reset_peak_memory(cuda, device)
         for _ in range(2):
             step()
-        return dict(path=path, attn=flags.attn, naive=flags.naive, step=step, patch_size=model.config.get('patch_size'),
-                    peak=peak_memory(cuda, device) - before if measured else None, times=[])
+        return dict(path=path, step=step, info=info, times=[],
+                    peak=peak_memory(cuda, device) - before if measured else None)
 
     build_and_measure(args.paths[0])  # discarded: it pays the one-time costs (thread pools, workspaces)
     runs = [build_and_measure(path) for path in args.paths]
@@ -154,17 +200,76 @@ def benchmark(args):
             run['times'].append(time.perf_counter() - tic)
     name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
     for run in runs:
-        print(json.dumps(dict(model=args.model, path=run['path'], attn=run['attn'], naive=run['naive'], device=name,
-                              batch=args.batch_size, img_size=args.img_size, patch_size=run['patch_size'],
-                              amp=args.amp, compile=args.compile,
-                              img_per_s=round(args.batch_size * len(run['times']) / sum(run['times']), 2),
+        batch = run['info']['batch']
+        print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp, compile=args.compile,
+                              img_per_s=round(batch * len(run['times']) / sum(run['times']), 2),
                               step_ms=round(1000 * statistics.median(run['times']), 2),
-                              peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1), steps=len(run['times']))))
+                              peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1),
+                              steps=len(run['times']))), flush=True)
+
+
+def count_ops(args):
+    """One JSON line per path: the leaf ATen ops of one forward and backward of the model, which
+    set the number of kernel launches on a GPU. A fused op counts once, whatever runs inside it
+    (on a CPU that is Triton's interpreter, whose tensor copies launch nothing on a GPU)."""
+    classes = DATASETS[args.dataset].classes or 1000
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=args.device)
+    for path in args.paths:
+        flags = argparse.Namespace(**vars(args) | PATHS[path])
+        torch.manual_seed(args.seed)
+        model = build_model(model_config(flags, classes)).to(args.device)
+        step = lambda: model(images).logsumexp(-1).sum().backward()
+        step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step()
+        events = prof.events()
+        fused = lambda e: e.name.startswith('karat::')
+        within = lambda e: e.cpu_parent is not None and (fused(e.cpu_parent) or within(e.cpu_parent))
+        ops = [e for e in events if not within(e) and (fused(e) or e.name.startswith('aten::') and not any(
+            c.name.startswith('aten::') for c in e.cpu_children))]
+        print(json.dumps(dict(model=args.model, path=path, attn=flags.attn, batch=args.batch_size,
+                              img_size=args.img_size, aten_ops=len(ops),
+                              fused_ops=sum(map(fused, ops)))), flush=True)
+
+
+# The README's GPU table: one bench.py call a row, all run by `python bench.py --gpu`.
+GPU_ROWS = [
+    '--compare --img-size 224 --patch-size 16 --batch-size 32 --amp',
+    '--compare --img-size 224 --patch-size 16 --batch-size 32',
+    '--compare --img-size 32 --patch-size 4 --batch-size 64 --amp',
+    '--compare --rank full --img-size 224 --patch-size 16 --batch-size 32 --amp',
+    '--compare --call 32,3,197,64 --amp',
+    '--compare --grid 1 --mode universal --call 1,12,4096,64 --amp',
+]
+
+
+def gpu_suite(out):
+    """tests/test_gpu.py, then every row of GPU_ROWS (Fourier, G = 3, r = 12 unless a row says
+    otherwise), each in a fresh process: results in out/bench.jsonl, logs beside it."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, 'TRITON_INTERPRET': '0'}
+    root = Path(__file__).resolve().parent
+    tests = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-q'], cwd=root, env=env,
+                           capture_output=True, text=True)
+    (out / 'test_gpu.txt').write_text(tests.stdout + tests.stderr)
+    print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
+    with open(out / 'bench.jsonl', 'w') as results, open(out / 'bench.log', 'w') as log:
+        for row in GPU_ROWS:
+            done = subprocess.run([sys.executable, str(root / 'bench.py'), *row.split(), '--device', 'cuda'],
+                                  cwd=root, env=env, capture_output=True, text=True)
+            results.write(done.stdout)
+            log.write(f"$ bench.py {row}\n{done.stderr}\n")
+            print(done.stdout if done.returncode == 0 else f"{row}: failed ({done.stderr.strip()[-300:]})",
+                  end='', flush=True)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['--gpu']:
+        return gpu_suite(Path(argv[1] if len(argv) > 1 else os.environ.get('OUT', 'runs/gpu')))
     try:
-        benchmark(parse_args(argv))
+        args = parse_args(argv)
+        count_ops(args) if args.ops else benchmark(args)
     except Fatal as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(e.code)

@@ -41,22 +41,23 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 
 
 def fourier(x, G):
-    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps.
+    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps, by angle addition from one cos x and
+    one sin x, cos((m+1)x) = cos(mx) cos x - sin(mx) sin x, sin((m+1)x) = sin(mx) cos x +
+    cos(mx) sin x: four multiplies per map are cheaper than a sin and a cos."""
+    cos, sin = [torch.cos(x)], [torch.sin(x)]
+    for _ in range(G - 1):
+        cos, sin = cos + [cos[-1] * cos[0] - sin[-1] * sin[0]], sin + [sin[-1] * cos[0] + cos[-1] * sin[0]]
+    return cos + sin
 
-    Direct rather than by angle addition (cos((m+1)x) = cos(mx)cos x - sin(mx)sin x): on a
-    CPU, vectorised sin and cos cost no more than the extra multiplies the recursion needs.
-    """
-    mx = [m * x for m in range(1, G + 1)]
-    return [torch.cos(t) for t in mx] + [torch.sin(t) for t in mx]
 
-
-def fourier_vjp(x, G, grads):
-    """fourier(x, G) and Σ_m g_m B_m'(x) by d cos(mx) = -m sin(mx), d sin(mx) = m cos(mx):
-    the derivative reuses the maps, where autograd would evaluate sin and cos again."""
+def fourier_vjp(x, G, grad):
+    """fourier(x, G) and Σ_m g_m B_m'(x), g_m = grad(m), by d cos(mx) = -m sin(mx) and
+    d sin(mx) = m cos(mx): the derivative reuses the maps, where autograd would evaluate sin and
+    cos again, and each g_m is made when it is used, so one lives at a time."""
     maps = fourier(x, G)
     dx = torch.zeros_like(x)
-    for m, (c, s, g_cos, g_sin) in enumerate(zip(maps[:G], maps[G:], grads[:G], grads[G:]), 1):
-        dx.addcmul_(c, g_sin, value=m).addcmul_(s, g_cos, value=-m)
+    for m, (c, s) in enumerate(zip(maps[:G], maps[G:]), 1):
+        dx.addcmul_(c, grad(G + m - 1), value=m).addcmul_(s, grad(m - 1), value=-m)
     return maps, dx
 
 
@@ -146,7 +147,7 @@ class Basis:
     """A family of units. `expansion` families give features(x, G) -> size(G) maps and a unit
     is Σ_m c_m B_m(x); `unit` families evaluate unit(x, **params) with per-unit parameters.
     `gain(G)` rescales N(0, 1) coefficients so that one unit's output has unit variance;
-    `vjp(x, G, grads)` -> (maps, Σ_m grads_m B_m'(x)), where a closed form beats autograd."""
+    `vjp(x, G, grad)` -> (maps, Σ_m grad(m) B_m'(x)), where a closed form beats autograd."""
     fn: Callable
     expansion: bool
     size: Callable = None
@@ -206,6 +207,12 @@ def expansion_maps(x, basis, G, base):
 def expansion_coefs(params):
     """The coefficients C_m (h p q) that go with `expansion_maps`."""
     return params['coef'].unbind(-1) + ((params['w_base'],) if 'w_base' in params else ())
+
+
+def values(params):
+    """The low-rank primitive's X_m = C_m^T, stacked (1 h m q p): a view of the coefficients."""
+    C = params['coef'] if 'w_base' not in params else torch.cat([params['coef'], params['w_base'][..., None]], -1)
+    return rearrange(C, 'h p q m -> 1 h m q p')
 
 
 def contract(maps, values, mask):
@@ -303,13 +310,13 @@ def linear(x, G):
     return [x]
 
 
-LINEAR = Basis(linear, True, lambda G: 1, vjp=lambda x, G, grads: ([x], grads[0]))
+LINEAR = Basis(linear, True, lambda G: 1, vjp=lambda x, G, grad: ([x], grad(0)))
 
 
 def chunk_elements(device):
-    """Default size of a chunk's feature tensor, in elements: 16 MB of float32 on a CPU, where
-    small chunks stay in cache; 1 GB on a GPU, which wants few large launches."""
-    return 2 ** 22 if device.type == 'cpu' else 2 ** 28
+    """Default size of a chunk's feature tensor, in elements: 8 MB of float32 on a CPU, where
+    small chunks bound the transient of backward; 1 GB on a GPU, which wants few large launches."""
+    return 2 ** 21 if device.type == 'cpu' else 2 ** 28
 
 
 class RecomputedExpansion(torch.autograd.Function):
@@ -331,19 +338,39 @@ class RecomputedExpansion(torch.autograd.Function):
         scale, basis, G, base = ctx.static
         with torch.autocast(**ctx.autocast):
             S = logits(q, k, bias, scale)
-            grads = [dY @ Xm.mT if mask is None else (dY @ Xm.mT) * mask for Xm in X.unbind(2)]
+            grad = lambda m: dY @ X[:, :, m].mT if mask is None else (dY @ X[:, :, m].mT) * mask
             if basis.vjp is not None and base == 'zero':
-                maps, dS = basis.vjp(S, G, grads)
+                maps, dS = basis.vjp(S, G, grad)
             else:
                 with torch.enable_grad():
                     S = S.detach().requires_grad_()
                     maps = expansion_maps(S, basis, G, base)
-                outs, gs = zip(*[(B, g) for B, g in zip(maps, grads) if B.requires_grad])  # T_0 = 1
+                outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps) if B.requires_grad])  # T_0 = 1
                 dS = torch.autograd.grad(outs, S, gs)[0]
             dX = torch.stack([(B if mask is None else B * mask).detach().mT @ dY for B in maps], 2)
             dq, dk = dS @ k * scale, dS.mT @ q * scale
         dbias = None if bias is None else dS.sum_to_size(bias.shape)
         return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 4
+
+
+class Reassociated(torch.autograd.Function):
+    """O = Z (W^T V) keeping Z, W and V itself, a view of the qkv projection that autograd holds
+    anyway (a matmul would keep V and W copied into its batched layout); W^T V is recomputed."""
+
+    @staticmethod
+    def forward(ctx, Z, W, V):
+        ctx.save_for_backward(Z, W, V)
+        device = Z.device.type
+        ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                            dtype=torch.get_autocast_dtype(device))
+        return Z @ (W.mT @ V)  # (b h i r) @ ((h r j) @ (b h j d))
+
+    @staticmethod
+    def backward(ctx, dO):
+        Z, W, V = ctx.saved_tensors
+        with torch.autocast(**ctx.autocast):
+            dWtV = Z.mT @ dO
+            return dO @ (W.mT @ V).mT, (V @ dWtV.mT).sum(0), W @ dWtV
 
 
 def over_rows(fn, q, bias, mask, elements, per_row):
@@ -364,6 +391,7 @@ def recomputed(fn):
 
 def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
     """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
+    X = X.contiguous()  # once, rather than inside every chunk's matmuls
     layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base)
     return over_rows(layer, q, bias, mask, elements, q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2])
 
@@ -406,12 +434,11 @@ def fast_attention(q, k, v, bias, mask, op):
         U = torch.stack([einsum(C, vm, 'h p q, b h p d -> b h q d') for C in expansion_coefs(op.phi)], 2)
         return expansion(q, k, bias, mask, U, scale, op.basis, op.grid, op.base, elements)
     if op.basis.expansion:
-        X = torch.stack([C.mT for C in expansion_coefs(op.phi)], 1)[None]
-        Z = expansion(q, k, bias, mask, X, scale, op.basis, op.grid, op.base, elements)
+        Z = expansion(q, k, bias, mask, values(op.phi), scale, op.basis, op.grid, op.base, elements)
     else:
         Z = units(q, k, bias, mask, dict(op.phi), op.basis, op.grid, op.base, scale, elements)
     if not query_mask:
-        return Z @ einsum(op.W, vm, 'h j r, b h j d -> b h r d')
+        return Reassociated.apply(Z, op.W, vm)
     return expansion(Z, op.W[None], None, mask, v[:, :, None], 1.0, LINEAR, 1, 'zero', elements)
 
 

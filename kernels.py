@@ -50,6 +50,18 @@ KEY = ['I', 'J', 'D', 'E', 'BASIS', 'G']
 UNIT_KEY = ['I', 'J', 'D', 'R', 'UNIT']
 
 
+INTERPRETED = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def dot(a, b, PRECISION: tl.constexpr):
+    """tl.dot, accumulating in float32 (float64 for float64 tiles)."""
+    if INTERPRETED:  # its bfloat16 products are wrong (Triton 3.8); in float32 they are exact
+        if a.dtype.primitive_bitwidth == 16:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
 # Feature maps -----------------------------------------------------------------------------
 
 @triton.jit
@@ -230,7 +242,7 @@ def logit_tile(q, K, BIAS, MASK, b, h, offs_m, offs_n, I, J, scale,
     offs_d = tl.arange(0, BD)
     k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skj + offs_d[None, :] * skd,
                 mask=(offs_n[:, None] < J) & (offs_d[None, :] < D), other=0.0)
-    S = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(ACC) * scale
+    S = dot(q, tl.trans(k), PRECISION).to(ACC) * scale
     keep = (offs_m[:, None] < I) & (offs_n[None, :] < J)
     if HAS_BIAS:
         S += tl.load(BIAS + b * sbb + h * sbh + offs_m[:, None] * sbi + offs_n[None, :] * sbj,
@@ -279,7 +291,7 @@ def expansion_fwd_kernel(
             B, _ = expansion_map(S, c1, s1, m, BASIS, G, BASE, LO, HI)
             x_ptrs, x_in = _rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
             x = tl.load(x_ptrs, mask=x_in, other=0.0)
-            acc += tl.dot(tl.where(keep, B, 0.0).to(x.dtype), x, input_precision=PRECISION)
+            acc += dot(tl.where(keep, B, 0.0).to(x.dtype), x, PRECISION)
     y_ptrs, y_in = _rows(Y, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_in)
 
@@ -295,7 +307,7 @@ def expansion_dS(S, c1, s1, keep, dy, X, b, h, offs_n, J, sxb, sxh, sxm, sxj, sx
         _, dB = expansion_map(S, c1, s1, m, BASIS, G, BASE, LO, HI)
         x_ptrs, x_in = _rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
         x = tl.load(x_ptrs, mask=x_in, other=0.0)
-        dS += tl.dot(dy, tl.trans(x), input_precision=PRECISION).to(ACC) * dB
+        dS += dot(dy, tl.trans(x), PRECISION).to(ACC) * dB
     return tl.where(keep, dS, 0.0)
 
 
@@ -331,11 +343,9 @@ def expansion_bwd_kx_kernel(
                                     D, BD, HAS_BIAS, HAS_MASK, PRECISION, ACC)
             c1, s1 = trig(S, BASIS)
             B, dB = expansion_map(S, c1, s1, m, BASIS, G, BASE, LO, HI)
-            dx += tl.dot(tl.trans(tl.where(keep, B, 0.0).to(dy.dtype)), dy,
-                         input_precision=PRECISION)
-            dS = tl.dot(dy, tl.trans(x), input_precision=PRECISION).to(ACC) * dB
-            dk += tl.dot(tl.trans(tl.where(keep, dS, 0.0).to(q.dtype)), q,
-                         input_precision=PRECISION)
+            dx += dot(tl.trans(tl.where(keep, B, 0.0).to(dy.dtype)), dy, PRECISION)
+            dS = dot(dy, tl.trans(x), PRECISION).to(ACC) * dB
+            dk += dot(tl.trans(tl.where(keep, dS, 0.0).to(q.dtype)), q, PRECISION)
         d_ptrs, d_in = _rows(DX + m * J * E, b, h, offs_n, J, H * NMAPS * J * E, NMAPS * J * E,
                              E, 1, E, BE)
         tl.store(d_ptrs, dx.to(DX.dtype.element_ty), mask=d_in)
@@ -375,7 +385,7 @@ def expansion_bwd_q_kernel(
         if BIAS_GRAD:
             tl.atomic_add(DBIAS + b * sdb + h * sdh + offs_m[:, None] * sdi
                           + offs_n[None, :] * sdj, dS, mask=keep)
-        dq += tl.dot(dS.to(k.dtype), k, input_precision=PRECISION)
+        dq += dot(dS.to(k.dtype), k, PRECISION)
     dq_ptrs, dq_in = _rows(DQ, b, h, offs_m, I, H * I * D, I * D, D, 1, D, BD)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_in)
 
@@ -444,7 +454,7 @@ def unit_bwd_kp_kernel(
                                            (offs_n < J)[None, :], UNIT, R * J)
             if UNIT == 5:
                 phi, dphi, u1 = phi * window, dphi * window, u1 * window
-            dk += tl.dot(tl.trans((g * dphi).to(q.dtype)), q, input_precision=PRECISION)
+            dk += dot(tl.trans((g * dphi).to(q.dtype)), q, PRECISION)
             grads += unit_param_grads(S, g, phi, dphi, u1, u2, UNIT, NPP)
         rows = tl.arange(0, NPP)[:, None]
         tl.store(DP + (((b * H + h) * NP + rows) * R + p) * J + offs_n[None, :], grads,
@@ -490,7 +500,7 @@ def unit_bwd_q_kernel(
         if BIAS_GRAD:
             tl.atomic_add(DBIAS + b * sdb + h * sdh + offs_m[:, None] * sdi
                           + offs_n[None, :] * sdj, dS, mask=keep)
-        dq += tl.dot(dS.to(k.dtype), k, input_precision=PRECISION)
+        dq += dot(dS.to(k.dtype), k, PRECISION)
     dq_ptrs, dq_in = _rows(DQ, b, h, offs_m, I, H * I * D, I * D, D, 1, D, BD)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=dq_in)
 
@@ -505,7 +515,7 @@ def _strides(t, shape):
     """t's strides viewed as `shape`, 0 along the axes it broadcasts (zeros when t is None)."""
     if t is None:
         return [0] * len(shape)
-    return [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
+    return [0] * (len(shape) - t.dim()) + [0 if n == 1 else s for n, s in zip(t.shape, t.stride())]
 
 
 def _logit_args(q, k, bias, mask):
@@ -660,9 +670,14 @@ torch.library.register_autograd('karat::units', _units_grad, setup_context=_unit
 
 # karat.py's fast-path interface ---------------------------------------------------------
 
+def like(t, q):
+    """t in q's dtype: under autocast q, k and v are bf16 and the parameters float32."""
+    return t if t.dtype == q.dtype else t.to(q.dtype)
+
+
 def karat_expansion(q, k, bias, mask, X, scale, basis, G, base, elements=None):
     """karat.rows_expansion by the fused kernels (`elements`, a PyTorch chunk size, unused)."""
-    return expansion(q, k.to(q.dtype), bias, mask, X.to(q.dtype), scale,
+    return expansion(q, like(k, q), bias, mask, like(X, q), scale,
                      EXPANSIONS[basis.fn.__name__], G, BASES[base], *karat.SPLINE_RANGE)
 
 
@@ -673,9 +688,9 @@ def karat_units(q, k, bias, mask, params, basis, G, base, scale, elements=None):
         P = rearrange(torch.cat([params['a'], params['b']], -1), 'h p q c -> h c p q')
     else:
         P = torch.stack([params['w'], params['tau'], params['s']], 1)
-    Z = units(q, k.to(q.dtype), bias, mask, P, UNITS[name], scale)
+    Z = units(q, like(k, q), bias, mask, P, UNITS[name], scale)
     if 'w_base' in params:
-        X = rearrange(params['w_base'], 'h p q -> 1 h 1 q p').to(q.dtype)
-        Z = Z + expansion(q, k.to(q.dtype), bias, mask, X, scale, EXPANSIONS['none'], G,
+        X = like(rearrange(params['w_base'], 'h p q -> 1 h 1 q p'), q)
+        Z = Z + expansion(q, like(k, q), bias, mask, X, scale, EXPANSIONS['none'], G,
                           BASES[base], *karat.SPLINE_RANGE)
     return Z

@@ -169,6 +169,8 @@ def model_arguments(p):
     g.add_argument('--order', default='W_phi', choices=karat.ORDERS)
     g.add_argument('--simplex', action='store_true', help='project activated rows onto the simplex (ablation)')
     g.add_argument('--naive', action='store_true', help='the materialised paper-style formula (efficient=False)')
+    g.add_argument('--kernel', default='auto', choices=karat.KERNELS,
+                   help="KArAt's fast path: torch (chunks of rows), triton (fused kernels, CUDA), auto (torch)")
     g.add_argument('--img-size', type=positive)
     for flag in ('--patch-size', '--embed-dim', '--window-size'):
         g.add_argument(flag, type=positive, help="the model's own default if omitted")
@@ -353,7 +355,7 @@ def model_config(args, num_classes):
     cfg = dict(name=args.model, attn=args.attn, num_classes=num_classes, img_size=args.img_size)
     if args.attn != 'softmax':
         cfg.update(mode=args.mode, grid=args.grid, rank=args.rank, base=args.base, order=args.order,
-                   simplex=args.simplex, efficient=not args.naive)
+                   simplex=args.simplex, efficient=not args.naive, kernel=args.kernel)
     cfg.update({k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None})
     return cfg
 
@@ -412,6 +414,8 @@ def restore_or_build(args, ckpt, classes):
     """The checkpoint's model with its weights, or a new one from the flags (seeded)."""
     torch.manual_seed(args.seed)
     config = ckpt['config'] if ckpt else model_config(args, classes)
+    if ckpt and config['attn'] != 'softmax':  # how the operators are computed is this run's choice
+        config = {**config, 'kernel': args.kernel}
     if config['num_classes'] != classes:
         raise Fatal(f"{args.resume} has {config['num_classes']} classes, {args.dataset} has {classes}: "
                     f"--finetune starts a new run from a classifier's weights")

@@ -20,22 +20,22 @@ def test_benchmark_prints_one_json_line():
 
 
 def test_benchmark_compare_shows_the_naive_formula_keeping_the_feature_tensor():
-    """--compare: softmax, ours and the naive formula in one process, one line each. At N = 65,
-    batch 32 the naive formula keeps the (b h N N) x 2G Fourier features, ~10 MB per block,
-    where ours keeps the 1.6 MB logits."""
+    """--compare on a CPU: softmax, the PyTorch path and the naive formula in one process, one
+    line each. At N = 65, batch 32 the naive formula keeps the (b h N N) x 2G Fourier features,
+    ~10 MB per block, where the PyTorch path keeps q and k."""
     done = python('bench.py', '--compare', '--model', 'vit_tiny', '--img-size', '32', '--patch-size', '4',
                   '--depth', '1', '--batch-size', '32', '--bench-steps', '2', '--device', 'cpu')
     assert done.returncode == 0, done.stderr
     softmax, ours, naive = (json.loads(line) for line in done.stdout.splitlines())
     assert [(r['path'], r['attn'], r['naive']) for r in (softmax, ours, naive)] == \
-        [('softmax', 'softmax', False), ('ours', 'fourier', False), ('naive', 'fourier', True)]
+        [('softmax', 'softmax', False), ('torch', 'fourier', False), ('naive', 'fourier', True)]
     assert naive['peak_mem_mb'] > ours['peak_mem_mb'] + 6
     assert ours['peak_mem_mb'] < 1.3 * softmax['peak_mem_mb']
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--compare', '--attn', 'softmax'], '--compare'),
-    (['--paths', 'ours,fast'], "'fast'"),
+    (['--paths', 'torch,fast'], "'fast'"),
     (['--model', 'vitdet_tiny'], 'train.py --dataset shapes'),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
