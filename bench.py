@@ -4,17 +4,18 @@ the median step time and the peak memory, one JSON line per path.
     python bench.py --attn fourier --img-size 224 --patch-size 16 --batch-size 8 --device cpu
     python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 --amp --device cuda
     python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
-    python bench.py --compare --call 32,3,197,64 --amp          # one attention call, forward + backward
-    TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32 --patch-size 4
-    python bench.py --gpu [DIR]     # on a GPU: tests/test_gpu.py and the README's GPU rows, into DIR
+    python bench.py --compare --call 32,3,197,64 --amp    # one attention call, forward + backward
+    TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32
+    python bench.py --gpu DIR    # on a GPU: tests/test_gpu.py and the README's GPU rows, into DIR
 
-A path is one way of computing a model: softmax attention, KArAt by its PyTorch path or its
-fused Triton kernels, or KArAt by the naive materialised formula. The paths of one run are built and measured in one process, side by side: each model is
-built and its memory measured in turn, then their timed steps are interleaved, so that a machine
-whose speed drifts slows all of them alike. Peak memory counts weights, gradients, optimiser state
-and activations: the growth from just before the model was built to the peak of two steps (GPU:
-torch.cuda.max_memory_allocated; CPU: the resident set's high-water mark, VmHWM, reset through
-/proc/self/clear_refs). The model's flags are train.py's; no dataset is read.
+A path is one way of computing a model: softmax attention, KArAt by its PyTorch path or its fused
+Triton kernels, or KArAt by the naive materialised formula. The paths of one run are built and
+measured in one process, side by side: each model is built and its memory measured in turn, then
+their timed steps are interleaved, so that a machine whose speed drifts slows all of them alike.
+Peak memory counts weights, gradients, optimiser state and activations: the growth from just before
+the model was built to the peak of two steps (GPU: torch.cuda.max_memory_allocated; CPU: the
+resident set's high-water mark, VmHWM, reset through /proc/self/clear_refs). The model's flags are
+train.py's; no dataset is read.
 """
 import argparse
 import ctypes
@@ -31,16 +32,16 @@ import torch
 import torch.nn.functional as F
 
 import karat
-from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, ints, model_arguments,
-                   model_config, optimizer_for, positive)
+from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, ints,
+                   model_arguments, model_config, optimizer_for, positive)
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
 # 'triton'); a new way of computing the same model is one more entry here.
 PATHS = {
-    'softmax': dict(attn='softmax', naive=False),     # scaled_dot_product_attention
-    'torch': dict(naive=False, kernel='torch'),        # KArAt, logits recomputed by chunks of rows
-    'triton': dict(naive=False, kernel='triton'),      # KArAt, fused Triton kernels (kernels.py)
-    'naive': dict(naive=True),                         # KArAt as the paper computes it (efficient=False)
+    'softmax': dict(attn='softmax', naive=False),  # scaled_dot_product_attention
+    'torch': dict(naive=False, kernel='torch'),     # KArAt, logits recomputed by chunks of rows
+    'triton': dict(naive=False, kernel='triton'),   # KArAt, fused Triton kernels (kernels.py)
+    'naive': dict(naive=True),                      # KArAt as the paper computes it
 }
 COMPARED = ('softmax', 'torch', 'naive')
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -67,9 +68,10 @@ def parse_args(argv=None):
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--bench-steps', type=positive, default=20, help='timed steps per path, after warm-up')
     g.add_argument('--paths', type=path_names, help=f"comma-separated, of {', '.join(PATHS)}")
-    g.add_argument('--compare', action='store_true', help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
+    g.add_argument('--compare', action='store_true',
+                   help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
     g.add_argument('--call', type=ints, metavar='B,H,N,D',
-                   help='time one attention call (forward + backward) of this shape instead of a model')
+                   help='time one attention call (forward + backward), not a model')
     g.add_argument('--ops', action='store_true',
                    help='count the leaf ATen ops of one forward + backward instead of timing')
     args = p.parse_args(argv)
@@ -78,13 +80,14 @@ def parse_args(argv=None):
     if args.model.startswith('vitdet'):
         p.error(f"bench.py times classifiers; a detector's step needs boxes and masks: time --model {args.model} "
                 f"with train.py --dataset shapes")
-    compared = [*COMPARED[:2], 'triton', COMPARED[2]] if args.device.startswith('cuda') else list(COMPARED)
+    cuda = args.device.startswith('cuda')
+    compared = [*COMPARED[:2], 'triton', COMPARED[2]] if cuda else list(COMPARED)
     args.paths = args.paths or (compared if args.compare else
                                 ['softmax' if args.attn == 'softmax' else 'naive' if args.naive else
                                  'triton' if args.kernel == 'triton' else 'torch'])
     if args.attn == 'softmax' and args.paths != ['softmax']:
         p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; got --attn softmax")
-    if 'triton' in args.paths and not args.device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+    if 'triton' in args.paths and not cuda and os.environ.get('TRITON_INTERPRET') != '1':
         p.error("the triton path runs on a CUDA GPU (or, for --ops, under TRITON_INTERPRET=1)")
     return apply_recipe(args)
 
@@ -149,7 +152,8 @@ def attention_step(args, path, device, cuda):
                                    else min(flags.rank, N), flags.base, flags.order, flags.simplex,
                                    not flags.naive, flags.kernel)(h, N).to(device)
     dtype = torch.bfloat16 if args.amp else torch.float32
-    q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True)
+               for _ in range(3))
     grad = torch.randn(b, h, N, d, device=device, dtype=dtype)
 
     def step():
@@ -158,7 +162,8 @@ def attention_step(args, path, device, cuda):
         out.backward(grad)
         if cuda:
             torch.cuda.synchronize()
-    return step, dict(model='attention', attn=flags.attn, naive=flags.naive, batch=b, heads=h, N=N, d=d)
+    return step, dict(model='attention', attn=flags.attn, naive=flags.naive, batch=b, heads=h, N=N,
+                      d=d)
 
 
 def benchmark(args):
@@ -201,7 +206,8 @@ def benchmark(args):
     name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
     for run in runs:
         batch = run['info']['batch']
-        print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp, compile=args.compile,
+        print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp,
+                              compile=args.compile,
                               img_per_s=round(batch * len(run['times']) / sum(run['times']), 2),
                               step_ms=round(1000 * statistics.median(run['times']), 2),
                               peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1),
@@ -225,8 +231,9 @@ def count_ops(args):
         events = prof.events()
         fused = lambda e: e.name.startswith('karat::')
         within = lambda e: e.cpu_parent is not None and (fused(e.cpu_parent) or within(e.cpu_parent))
-        ops = [e for e in events if not within(e) and (fused(e) or e.name.startswith('aten::') and not any(
-            c.name.startswith('aten::') for c in e.cpu_children))]
+        leaf = lambda e: e.name.startswith('aten::') and not any(
+            c.name.startswith('aten::') for c in e.cpu_children)
+        ops = [e for e in events if not within(e) and (fused(e) or leaf(e))]
         print(json.dumps(dict(model=args.model, path=path, attn=flags.attn, batch=args.batch_size,
                               img_size=args.img_size, aten_ops=len(ops),
                               fused_ops=sum(map(fused, ops)))), flush=True)
@@ -249,18 +256,20 @@ def gpu_suite(out):
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, 'TRITON_INTERPRET': '0'}
     root = Path(__file__).resolve().parent
-    tests = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-q'], cwd=root, env=env,
-                           capture_output=True, text=True)
+    tests = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-q'], cwd=root,
+                           env=env, capture_output=True, text=True)
     (out / 'test_gpu.txt').write_text(tests.stdout + tests.stderr)
-    print(tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:], flush=True)
+    summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:]
+    print(summary, flush=True)
     with open(out / 'bench.jsonl', 'w') as results, open(out / 'bench.log', 'w') as log:
         for row in GPU_ROWS:
-            done = subprocess.run([sys.executable, str(root / 'bench.py'), *row.split(), '--device', 'cuda'],
-                                  cwd=root, env=env, capture_output=True, text=True)
+            done = subprocess.run([sys.executable, str(root / 'bench.py'), *row.split(),
+                                   '--device', 'cuda'], cwd=root, env=env, capture_output=True,
+                                  text=True)
             results.write(done.stdout)
             log.write(f"$ bench.py {row}\n{done.stderr}\n")
-            print(done.stdout if done.returncode == 0 else f"{row}: failed ({done.stderr.strip()[-300:]})",
-                  end='', flush=True)
+            failed = f"{row}: failed ({done.stderr.strip()[-300:]})\n"
+            print(done.stdout if done.returncode == 0 else failed, end='', flush=True)
 
 
 def main(argv=None):

@@ -46,7 +46,8 @@ def fourier(x, G):
     cos(mx) sin x: four multiplies per map are cheaper than a sin and a cos."""
     cos, sin = [torch.cos(x)], [torch.sin(x)]
     for _ in range(G - 1):
-        cos, sin = cos + [cos[-1] * cos[0] - sin[-1] * sin[0]], sin + [sin[-1] * cos[0] + cos[-1] * sin[0]]
+        c, s = cos[-1], sin[-1]
+        cos, sin = cos + [c * cos[0] - s * sin[0]], sin + [s * cos[0] + c * sin[0]]
     return cos + sin
 
 
@@ -211,12 +212,14 @@ def expansion_coefs(params):
 
 def values(params):
     """The low-rank primitive's X_m = C_m^T, stacked (1 h m q p): a view of the coefficients."""
-    C = params['coef'] if 'w_base' not in params else torch.cat([params['coef'], params['w_base'][..., None]], -1)
+    C = params['coef']
+    if 'w_base' in params:
+        C = torch.cat([C, params['w_base'][..., None]], -1)
     return rearrange(C, 'h p q m -> 1 h m q p')
 
 
 def contract(maps, values, mask):
-    """Σ_m (mask ⊙ B_m) X_m per head: matmul broadcasts (b h i j) @ (h|b h, j, e) without copies."""
+    """Σ_m (mask ⊙ B_m) X_m per head: matmul broadcasts (b h i j) @ (b|1 h j e), no copies."""
     return sum((B if mask is None else B * mask) @ X for B, X in zip(maps, values))
 
 
@@ -321,7 +324,8 @@ def chunk_elements(device):
 
 class RecomputedExpansion(torch.autograd.Function):
     """Y = Σ_m (M ⊙ B_m(S)) X_m keeping only q, k and the bias; backward recomputes S and the
-    maps: dX_m = F_m^T dY, dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k, dk = scale dS^T q."""
+    maps: dX_m = F_m^T dY, dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k,
+    dk = scale dS^T q."""
 
     @staticmethod
     def forward(ctx, q, k, bias, mask, X, scale, basis, G, base):
@@ -330,7 +334,8 @@ class RecomputedExpansion(torch.autograd.Function):
         device = q.device.type  # backward runs outside autocast: it re-enters the forward's state
         ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                             dtype=torch.get_autocast_dtype(device))
-        return contract(expansion_maps(logits(q, k, bias, scale), basis, G, base), X.unbind(2), mask)
+        maps = expansion_maps(logits(q, k, bias, scale), basis, G, base)
+        return contract(maps, X.unbind(2), mask)
 
     @staticmethod
     def backward(ctx, dY):
@@ -345,7 +350,8 @@ class RecomputedExpansion(torch.autograd.Function):
                 with torch.enable_grad():
                     S = S.detach().requires_grad_()
                     maps = expansion_maps(S, basis, G, base)
-                outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps) if B.requires_grad])  # T_0 = 1
+                outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps)
+                                 if B.requires_grad])  # not T_0 = 1
                 dS = torch.autograd.grad(outs, S, gs)[0]
             dX = torch.stack([(B if mask is None else B * mask).detach().mT @ dY for B in maps], 2)
             dq, dk = dS @ k * scale, dS.mT @ q * scale
@@ -354,23 +360,25 @@ class RecomputedExpansion(torch.autograd.Function):
 
 
 class Reassociated(torch.autograd.Function):
-    """O = Z (W^T V) keeping Z, W and V itself, a view of the qkv projection that autograd holds
-    anyway (a matmul would keep V and W copied into its batched layout); W^T V is recomputed."""
+    """O = Z (W^T V) keeping Z, W, the small W^T V (b h r d) and V itself, a view of the qkv
+    projection that autograd holds anyway: a matmul would keep V and W copied into its batched
+    layout, one N x d copy per block."""
 
     @staticmethod
     def forward(ctx, Z, W, V):
-        ctx.save_for_backward(Z, W, V)
+        WtV = W.mT @ V  # (h r j) @ (b h j d)
+        ctx.save_for_backward(Z, W, V, WtV)
         device = Z.device.type
         ctx.autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                             dtype=torch.get_autocast_dtype(device))
-        return Z @ (W.mT @ V)  # (b h i r) @ ((h r j) @ (b h j d))
+        return Z @ WtV
 
     @staticmethod
     def backward(ctx, dO):
-        Z, W, V = ctx.saved_tensors
+        Z, W, V, WtV = ctx.saved_tensors
         with torch.autocast(**ctx.autocast):
             dWtV = Z.mT @ dO
-            return dO @ (W.mT @ V).mT, (V @ dWtV.mT).sum(0), W @ dWtV
+            return dO @ WtV.mT, (V @ dWtV.mT).sum(0), W @ dWtV
 
 
 def over_rows(fn, q, bias, mask, elements, per_row):
@@ -392,13 +400,16 @@ def recomputed(fn):
 def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
     """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
     X = X.contiguous()  # once, rather than inside every chunk's matmuls
-    layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base)
-    return over_rows(layer, q, bias, mask, elements, q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2])
+    layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G,
+                                                            base)
+    per_row = q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2]
+    return over_rows(layer, q, bias, mask, elements, per_row)
 
 
 def rows_units(q, k, bias, mask, params, basis, G, base, scale, elements):
     """Z_ip = Σ_j M_ij φ_pj(S_ij) of a unit family in PyTorch, chunk by chunk."""
-    layer = recomputed(lambda q, bias, mask: kan(logits(q, k, bias, scale), basis, params, G, base, mask))
+    layer = recomputed(lambda q, bias, mask: kan(logits(q, k, bias, scale), basis, params, G, base,
+                                                 mask))
     n_out = next(iter(params.values())).shape[1]
     return over_rows(layer, q, bias, mask, elements, q.shape[0] * q.shape[1] * k.shape[2] * n_out)
 
@@ -426,12 +437,15 @@ def fast_attention(q, k, v, bias, mask, op):
     elements, scale = op.chunk_elements or chunk_elements(q.device), q.shape[-1] ** -0.5
     query_mask = mask is not None and mask.shape[2] > 1
     vm = v if mask is None or query_mask else v * rearrange(mask, 'b h 1 j -> b h j 1')
-    if op.order != 'W_phi' or op.simplex or (op.rank is None and (query_mask or not op.basis.expansion)):
+    full_unfused = op.rank is None and (query_mask or not op.basis.expansion)
+    if op.order != 'W_phi' or op.simplex or full_unfused:
         layer = recomputed(lambda q, bias, mask: karat_attention(logits(q, k, bias), v, op, mask))
-        per_row = q.shape[0] * q.shape[1] * k.shape[2] * (op.basis.size(op.grid) if op.basis.expansion else 1)
-        return over_rows(layer, q, bias, mask, elements, per_row * (op.rank or k.shape[2]))
+        maps = op.basis.size(op.grid) if op.basis.expansion else 1
+        per_row = q.shape[0] * q.shape[1] * k.shape[2] * maps * (op.rank or k.shape[2])
+        return over_rows(layer, q, bias, mask, elements, per_row)
     if op.rank is None:
-        U = torch.stack([einsum(C, vm, 'h p q, b h p d -> b h q d') for C in expansion_coefs(op.phi)], 2)
+        U = torch.stack([einsum(C, vm, 'h p q, b h p d -> b h q d')
+                         for C in expansion_coefs(op.phi)], 2)
         return expansion(q, k, bias, mask, U, scale, op.basis, op.grid, op.base, elements)
     if op.basis.expansion:
         Z = expansion(q, k, bias, mask, values(op.phi), scale, op.basis, op.grid, op.base, elements)
@@ -519,7 +533,8 @@ class Operator(nn.Module):
 
 def logits(q, k, bias=None, scale=None):
     """A = q k^T / sqrt(d) (+ bias): (b h i d), (b h j d) -> (b h i j); another scale if given."""
-    A = einsum(q, k, 'b h i d, b h j d -> b h i j') * (q.shape[-1] ** -0.5 if scale is None else scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    A = einsum(q, k, 'b h i d, b h j d -> b h i j') * scale
     return A if bias is None else A + bias
 
 
@@ -601,7 +616,8 @@ def attention_maker(attn='softmax', mode='blockwise', grid=3, rank=12, base='zer
         if attn == 'softmax':
             return Softmax()
         if mode == 'blockwise' or (heads, seq_len) not in shared:
-            shared[heads, seq_len] = Operator(attn, heads, seq_len, grid, rank, base, order, simplex, efficient, kernel)
+            shared[heads, seq_len] = Operator(attn, heads, seq_len, grid, rank, base, order, simplex,
+                                              efficient, kernel)
         return KArAt(shared[heads, seq_len])
     return make
 

@@ -190,7 +190,8 @@ def unit_value(x, P, p_off, p_mask, UNIT: tl.constexpr, PS: tl.constexpr):
             nu = r * r * r * r * (35 - 84 * r + 70 * r * r - 20 * r * r * r)
             dnu = tl.where((r > 0) & (r < 1), 280 * r * r * r * (1 - r) * (1 - r) * (1 - r), 0.0)
             sv, cn = tl.sin(math.pi * v), tl.cos(math.pi / 2 * nu)
-            dv = math.pi * tl.cos(math.pi * v) * cn - sv * tl.sin(math.pi / 2 * nu) * math.pi / 2 * dnu
+            dm = -tl.sin(math.pi / 2 * nu) * math.pi / 2 * dnu  # of m(v) = cos(π/2 ν)
+            dv = math.pi * tl.cos(math.pi * v) * cn + sv * dm
             f, df = sv * cn, dv * tl.where(t > 0, 1.0, tl.where(t < 0, -1.0, 0.0))
         else:  # shannon sin(x̃)/x̃; the caller applies the key's Hamming window
             small = tl.abs(t) < 1e-4
@@ -207,7 +208,8 @@ def unit_param_grads(x, g, phi, dphi, u1, u2, UNIT: tl.constexpr, NPP: tl.conste
     row = tl.arange(0, NPP)[:, None]
     grads = tl.zeros((NPP, x.shape[1]), dtype=tl.float32)
     if UNIT == 0:
-        da, db = g / u1, -g * phi * u2 / u1  # ∂φ/∂a_c = x^c/(1 + |Q|), ∂φ/∂b_c = -φ sgn(Q) x^c/(1 + |Q|)
+        # ∂φ/∂a_c = x^c/(1 + |Q|), ∂φ/∂b_c = -φ sgn(Q) x^c/(1 + |Q|)
+        da, db = g / u1, -g * phi * u2 / u1
         power = x * 0 + 1
         for c in tl.static_range(6):
             grads = tl.where(row == c, grads + tl.sum(da * power, axis=0)[None, :], grads)
@@ -473,7 +475,8 @@ def unit_bwd_q_kernel(
         UNIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
         BIAS_GRAD: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For one block of queries i: dS_ij = M_ij Σ_p dY_ip φ_pj'(S_ij), dq_i = scale Σ_j dS_ij k_j,
+    """For one block of queries i: dS_ij = M_ij Σ_p dY_ip φ_pj'(S_ij),
+    dq_i = scale Σ_j dS_ij k_j,
     and dS added into dbias."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)

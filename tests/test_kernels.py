@@ -71,8 +71,9 @@ def test_fast_path_equals_the_definition(kernel, attn, rank, masking):
 
 
 @pytest.mark.parametrize('kernel', PATHS)
-@pytest.mark.parametrize('attn, N, masking', [('fourier', 49, 'shift'), ('rational', 49, 'shift'),
-                                              ('bspline', 65, 'padding'), ('morlet', 65, 'padding')])
+@pytest.mark.parametrize('attn, N, masking', [
+    ('fourier', 49, 'shift'), ('rational', 49, 'shift'), ('bspline', 65, 'padding'),
+    ('morlet', 65, 'padding')])
 def test_fast_path_at_model_lengths(kernel, attn, N, masking):
     """Swin's windows (N = 49) and ViT-Tiny at 32 px (N = 65): several ragged blocks."""
     fast, naive = fast_and_naive(attn, kernel, N, masking, chunk=2 ** 12, rank=12)
@@ -161,8 +162,9 @@ def saved_sizes(fn):
 
 
 @pytest.mark.parametrize('kernel', PATHS + ['naive'])
-@pytest.mark.parametrize('attn, rank, masking', [('fourier', 12, 'padding'), ('fourier', None, 'padding'),
-                                                 ('fourier', 12, 'shift'), ('rational', 12, 'none')])
+@pytest.mark.parametrize('attn, rank, masking', [
+    ('fourier', 12, 'padding'), ('fourier', None, 'padding'), ('fourier', 12, 'shift'),
+    ('rational', 12, 'none')])
 def test_nothing_n_by_n_is_saved_for_backward(kernel, attn, rank, masking):
     """No saved tensor holds N x N elements per (batch, head); the naive formula does (the logits
     A), which shows the check can fail."""
@@ -182,7 +184,7 @@ def test_triton_kernel_is_refused_where_it_cannot_run(monkeypatch):
     monkeypatch.setattr(kernels, 'INTERPRET', False)
     attend = karat.attention_maker('fourier', rank=3, kernel='triton')(2, 7)
     q, k, v, _, _ = inputs(7, 'none')
-    with pytest.raises(ValueError, match=r"kernel='triton' runs on a CUDA GPU .*got tensors on cpu"):
+    with pytest.raises(ValueError, match=r"kernel='triton' runs on a CUDA GPU .*on cpu"):
         attend(q, k, v)
     with pytest.raises(ValueError, match="unknown kernel 'cuda'; allowed: auto, torch, triton"):
         karat.attention_maker('fourier', kernel='cuda')
