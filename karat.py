@@ -399,7 +399,6 @@ def recomputed(fn):
 
 def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
     """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
-    X = X.contiguous()  # once, rather than inside every chunk's matmuls
     layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G,
                                                             base)
     per_row = q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2]

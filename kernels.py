@@ -599,21 +599,22 @@ def expansion_backward(dY: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             _sum_to(dX, X.shape).to(X.dtype)]
 
 
-def _expansion_setup(ctx, inputs, output):
-    q, k, bias, mask, X, *static = inputs
-    ctx.save_for_backward(q, k, bias, mask, X)
-    ctx.static = static
+def register_backward(op, backward):
+    """Autograd for a fused op (q, k, bias, mask, values, *static): its backward op gives the
+    gradients of q, k, the bias (when it needs one) and the values."""
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:5])
+        ctx.static = inputs[5:]
+
+    def grad(ctx, dY):
+        q, k, bias, mask, X = ctx.saved_tensors
+        bias_grad = bias is not None and ctx.needs_input_grad[2]
+        dq, dk, dbias, dX = backward(dY.contiguous(), q, k, bias, mask, X, *ctx.static, bias_grad)
+        return dq, dk, dbias if bias_grad else None, None, dX, *[None] * len(ctx.static)
+    torch.library.register_autograd(op, grad, setup_context=setup)
 
 
-def _expansion_grad(ctx, dY):
-    q, k, bias, mask, X = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[2]
-    dq, dk, dbias, dX = expansion_backward(dY.contiguous(), q, k, bias, mask, X, *ctx.static,
-                                           bias_grad)
-    return dq, dk, dbias if bias_grad else None, None, dX, None, None, None, None, None, None
-
-
-torch.library.register_autograd('karat::expansion', _expansion_grad, setup_context=_expansion_setup)
+register_backward('karat::expansion', expansion_backward)
 
 
 @triton_op('karat::units', mutates_args=())
@@ -654,21 +655,7 @@ def units_backward(dY: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
             dP.sum(0).to(P.dtype)]
 
 
-def _units_setup(ctx, inputs, output):
-    q, k, bias, mask, P, *static = inputs
-    ctx.save_for_backward(q, k, bias, mask, P)
-    ctx.static = static
-
-
-def _units_grad(ctx, dY):
-    q, k, bias, mask, P = ctx.saved_tensors
-    bias_grad = bias is not None and ctx.needs_input_grad[2]
-    dq, dk, dbias, dP = units_backward(dY.contiguous(), q, k, bias, mask, P, *ctx.static,
-                                       bias_grad)
-    return dq, dk, dbias if bias_grad else None, None, dP, None, None
-
-
-torch.library.register_autograd('karat::units', _units_grad, setup_context=_units_setup)
+register_backward('karat::units', units_backward)
 
 
 # karat.py's fast-path interface ---------------------------------------------------------
