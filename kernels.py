@@ -13,9 +13,9 @@ fused form of KArAt is one primitive, attention without softmax statistics:
 
 Each kernel is FlashAttention-2's loop: a program owns a block of query rows, streams over
 key blocks, builds the S tile in registers and accumulates tl.dot(F_m, X_m) (no running max
-or row sum). Backward recomputes the S tile twice, as FlashAttention-2 does: a pass over key
-blocks for dk and dX (or the units' parameters), a pass over query blocks for dq and dbias,
-with dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S). The ops are registered with torch.library, so that
+or row sum). Backward recomputes the S tile, as FlashAttention-2 does, in a pass over key
+blocks for dk and dX (one map at a time) or the units' parameters, and a pass over query
+blocks for dq and dbias, with dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S). The ops are registered with torch.library, so that
 autograd, torch.compile and CUDA graphs treat each as one call.
 """
 import math
@@ -32,7 +32,7 @@ import karat
 INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 EXPANSIONS = {'fourier': 0, 'bspline': 1, 'chebyshev': 2, 'gaussian': 3, 'linear': 4, 'none': 5}
 UNITS = {'rational': 0, 'mexican_hat': 1, 'morlet': 2, 'dog': 3, 'meyer': 4, 'shannon': 5}
-BASES = {'zero': 0, 'silu': 1, 'identity': 2, 'gelu': 3}
+ACTIVATIONS = {'zero': 0, 'silu': 1, 'identity': 2, 'gelu': 3}  # karat.BASE_ACTIVATIONS
 
 # Block sizes come from autotune over configs that tests/compile_kernels.py proves spill-free on
 # sm_80 and sm_90 (each tile holds the logits, their maps and an accumulator, so register
@@ -41,7 +41,8 @@ BASES = {'zero': 0, 'silu': 1, 'identity': 2, 'gelu': 3}
 def configs(*blocks):
     if INTERPRET:
         return [triton.Config({'BLOCK_M': 16, 'BLOCK_N': 16}, num_warps=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=255)
+    # maxnreg: left to itself ptxas capped some kernels at 168 registers, and spilled
+    return [triton.Config({'BLOCK_M': m, 'BLOCK_N': n}, num_warps=w, num_stages=1, maxnreg=255)
             for m, n, w in blocks]
 
 
@@ -668,7 +669,7 @@ def like(t, q):
 def karat_expansion(q, k, bias, mask, X, scale, basis, G, base, elements=None):
     """karat.rows_expansion by the fused kernels (`elements`, a PyTorch chunk size, unused)."""
     return expansion(q, like(k, q), bias, mask, like(X, q), scale,
-                     EXPANSIONS[basis.fn.__name__], G, BASES[base], *karat.SPLINE_RANGE)
+                     EXPANSIONS[basis.fn.__name__], G, ACTIVATIONS[base], *karat.SPLINE_RANGE)
 
 
 def karat_units(q, k, bias, mask, params, basis, G, base, scale, elements=None):
@@ -682,5 +683,5 @@ def karat_units(q, k, bias, mask, params, basis, G, base, scale, elements=None):
     if 'w_base' in params:
         X = like(rearrange(params['w_base'], 'h p q -> 1 h 1 q p'), q)
         Z = Z + expansion(q, like(k, q), bias, mask, X, scale, EXPANSIONS['none'], G,
-                          BASES[base], *karat.SPLINE_RANGE)
+                          ACTIVATIONS[base], *karat.SPLINE_RANGE)
     return Z

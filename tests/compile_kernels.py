@@ -56,9 +56,9 @@ def specializations(quick=False):
     def expansion(basis, dtype=torch.bfloat16, e=r, bias=None, mask=None, base='zero', k=None):
         q = t(B, H, N, d if basis != 'linear' else r, dtype=dtype)
         k = q[:1] if k is None else k
-        maps = kernels._maps(kernels.EXPANSIONS[basis], 3, kernels.BASES[base], -4.0, 4.0)
+        maps = kernels._maps(kernels.EXPANSIONS[basis], 3, kernels.ACTIVATIONS[base], -4.0, 4.0)
         X = t(1 if e == r else B, H, maps['NMAPS'], N, e, dtype=dtype)
-        args = (q, k, bias, mask, X, 0.125, kernels.EXPANSIONS[basis], 3, kernels.BASES[base],
+        args = (q, k, bias, mask, X, 0.125, kernels.EXPANSIONS[basis], 3, kernels.ACTIVATIONS[base],
                 -4.0, 4.0)
         return record(lambda: (kernels.expansion(*args), kernels.expansion_backward(
             t(B, H, N, e, dtype=dtype), *args, bias is not None)))
