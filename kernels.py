@@ -265,6 +265,13 @@ def _rows(T, b, h, offs, R, sb, sh, sr, sc, C: tl.constexpr, BC: tl.constexpr):
     return ptrs, (offs[:, None] < R) & (offs_c[None, :] < C)
 
 
+@triton.jit
+def load_rows(T, b, h, offs, R, sb, sh, sr, sc, C: tl.constexpr, BC: tl.constexpr):
+    """Rows `offs` of a (b, h, R, C) tensor, zero beyond R rows and C columns."""
+    ptrs, inside = _rows(T, b, h, offs, R, sb, sh, sr, sc, C, BC)
+    return tl.load(ptrs, mask=inside, other=0.0)
+
+
 # Expansion families ---------------------------------------------------------------------
 
 @triton.autotune(configs=CONFIGS, key=KEY)
@@ -281,8 +288,7 @@ def expansion_fwd_kernel(
     """Y_i = Σ_j Σ_m F_m,ij X_m,j for one block of query rows i."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-    q = tl.load(q_ptrs, mask=q_in, other=0.0)
+    q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
     acc = tl.zeros((BLOCK_M, BE), dtype=ACC)
     for start in range(0, J, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -292,8 +298,7 @@ def expansion_fwd_kernel(
         c1, s1 = trig(S, BASIS)
         for m in tl.static_range(NMAPS):
             B, _ = expansion_map(S, c1, s1, m, BASIS, G, BASE, LO, HI)
-            x_ptrs, x_in = _rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
-            x = tl.load(x_ptrs, mask=x_in, other=0.0)
+            x = load_rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
             acc += dot(tl.where(keep, B, 0.0).to(x.dtype), x, PRECISION)
     y_ptrs, y_in = _rows(Y, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
     tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=y_in)
@@ -308,8 +313,7 @@ def expansion_dS(S, c1, s1, keep, dy, X, b, h, offs_n, J, sxb, sxh, sxm, sxj, sx
     dS = tl.zeros(S.shape, dtype=ACC)
     for m in tl.static_range(NMAPS):
         _, dB = expansion_map(S, c1, s1, m, BASIS, G, BASE, LO, HI)
-        x_ptrs, x_in = _rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
-        x = tl.load(x_ptrs, mask=x_in, other=0.0)
+        x = load_rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
         dS += dot(dy, tl.trans(x), PRECISION).to(ACC) * dB
     return tl.where(keep, dS, 0.0)
 
@@ -332,15 +336,12 @@ def expansion_bwd_kx_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dk = tl.zeros((BLOCK_N, BD), dtype=ACC)
     for m in tl.static_range(NMAPS):
-        x_ptrs, x_in = _rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
-        x = tl.load(x_ptrs, mask=x_in, other=0.0)
+        x = load_rows(X + m * sxm, b, h, offs_n, J, sxb, sxh, sxj, sxe, E, BE)
         dx = tl.zeros((BLOCK_N, BE), dtype=ACC)
         for start in range(0, I, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-            q = tl.load(q_ptrs, mask=q_in, other=0.0)
-            dy_ptrs, dy_in = _rows(DY, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
-            dy = tl.load(dy_ptrs, mask=dy_in, other=0.0)
+            q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
+            dy = load_rows(DY, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
             S, k, keep = logit_tile(q, K, BIAS, MASK, b, h, offs_m, offs_n, I, J, scale,
                                     skb, skh, skj, skd, sbb, sbh, sbi, sbj, smb, smh, smi, smj,
                                     D, BD, HAS_BIAS, HAS_MASK, PRECISION, ACC)
@@ -372,10 +373,8 @@ def expansion_bwd_q_kernel(
     the batch (and Swin's windows) share, so the add is atomic."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-    q = tl.load(q_ptrs, mask=q_in, other=0.0)
-    dy_ptrs, dy_in = _rows(DY, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
-    dy = tl.load(dy_ptrs, mask=dy_in, other=0.0)
+    q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
+    dy = load_rows(DY, b, h, offs_m, I, syb, syh, syi, sye, E, BE)
     dq = tl.zeros((BLOCK_M, BD), dtype=ACC)
     for start in range(0, J, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -407,8 +406,7 @@ def unit_fwd_kernel(
     """Y_ip = Σ_j M_ij φ_pj(S_ij) for one block of query rows, one reduction per unit p."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-    q = tl.load(q_ptrs, mask=q_in, other=0.0)
+    q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
     cols = tl.arange(0, BR)[None, :]
     acc = tl.zeros((BLOCK_M, BR), dtype=ACC)
     for start in range(0, J, BLOCK_N):
@@ -446,8 +444,7 @@ def unit_bwd_kp_kernel(
         grads = tl.zeros((NPP, BLOCK_N), dtype=ACC)
         for start in range(0, I, BLOCK_M):
             offs_m = start + tl.arange(0, BLOCK_M)
-            q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-            q = tl.load(q_ptrs, mask=q_in, other=0.0)
+            q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
             S, k, keep = logit_tile(q, K, BIAS, MASK, b, h, offs_m, offs_n, I, J, scale,
                                     skb, skh, skj, skd, sbb, sbh, sbi, sbj, smb, smh, smi, smj,
                                     D, BD, HAS_BIAS, HAS_MASK, PRECISION, ACC)
@@ -481,10 +478,8 @@ def unit_bwd_q_kernel(
     and dS added into dbias."""
     b, h = tl.program_id(1) // H, tl.program_id(1) % H
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    q_ptrs, q_in = _rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
-    q = tl.load(q_ptrs, mask=q_in, other=0.0)
-    dy_ptrs, dy_in = _rows(DY, b, h, offs_m, I, H * I * R, I * R, R, 1, R, BR)
-    dy = tl.load(dy_ptrs, mask=dy_in, other=0.0).to(ACC)
+    q = load_rows(Q, b, h, offs_m, I, sqb, sqh, sqi, sqd, D, BD)
+    dy = load_rows(DY, b, h, offs_m, I, H * I * R, I * R, R, 1, R, BR).to(ACC)
     cols = tl.arange(0, BR)[None, :]
     dq = tl.zeros((BLOCK_M, BD), dtype=ACC)
     for start in range(0, J, BLOCK_N):
