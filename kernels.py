@@ -11,12 +11,12 @@ fused form of KArAt is one primitive, attention without softmax statistics:
     full rank  X_m = U_m = C_m^T (M ⊙ V)  (N x d per batch and head): Y = O
     per-query mask, second pass   q = Z, k = W, B(x) = x, X = V: O_i = Σ_j M_ij (Z_i · W_j) V_j
 
-Each kernel is FlashAttention-2's loop: a program owns a block of query rows, streams over
-key blocks, builds the S tile in registers and accumulates tl.dot(F_m, X_m) (no running max
-or row sum). Backward recomputes the S tile, as FlashAttention-2 does, in a pass over key
-blocks for dk and dX (one map at a time) or the units' parameters, and a pass over query
-blocks for dq and dbias, with dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S). The ops are registered with torch.library, so that
-autograd, torch.compile and CUDA graphs treat each as one call.
+Each kernel is FlashAttention-2's loop: a program owns a block of query rows, streams over key
+blocks, builds the S tile in registers and accumulates tl.dot(F_m, X_m) (no running max or row
+sum). Backward recomputes the S tile, as FlashAttention-2 does, in a pass over key blocks for
+dk and dX (one map at a time) or the units' parameters, and a pass over query blocks for dq and
+dbias, with dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S). The ops are registered with torch.library, so
+that autograd, torch.compile and CUDA graphs treat each as one call.
 """
 import math
 import os
