@@ -230,7 +230,8 @@ def count_ops(args):
             step()
         events = prof.events()
         fused = lambda e: e.name.startswith('karat::')
-        within = lambda e: e.cpu_parent is not None and (fused(e.cpu_parent) or within(e.cpu_parent))
+        parent = lambda e: e.cpu_parent
+        within = lambda e: parent(e) is not None and (fused(parent(e)) or within(parent(e)))
         leaf = lambda e: e.name.startswith('aten::') and not any(
             c.name.startswith('aten::') for c in e.cpu_children)
         ops = [e for e in events if not within(e) and (fused(e) or leaf(e))]
@@ -259,7 +260,8 @@ def gpu_suite(out):
     tests = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-q'], cwd=root,
                            env=env, capture_output=True, text=True)
     (out / 'test_gpu.txt').write_text(tests.stdout + tests.stderr)
-    summary = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-2000:]
+    lines = tests.stdout.strip().splitlines()
+    summary = lines[-1] if lines else tests.stderr[-2000:]
     print(summary, flush=True)
     with open(out / 'bench.jsonl', 'w') as results, open(out / 'bench.log', 'w') as log:
         for row in GPU_ROWS:
