@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 
 import karat
-from train import (DATASETS, Fatal, Parser, apply_recipe, autocast, build_model, ints,
-                   model_arguments, model_config, optimizer_for, positive)
+from train import (DATASETS, Fatal, Parser, apply_recipe, attention_options, autocast,
+                   build_model, ints, model_arguments, model_config, optimizer_for, positive)
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
 # 'triton'); a new way of computing the same model is one more entry here.
 PATHS = {
-    'softmax': dict(attn='softmax', naive=False),  # scaled_dot_product_attention
-    'torch': dict(naive=False, kernel='torch'),     # KArAt, logits recomputed by chunks of rows
-    'triton': dict(naive=False, kernel='triton'),   # KArAt, fused Triton kernels (kernels.py)
-    'naive': dict(naive=True),                      # KArAt as the paper computes it
+    'softmax': dict(attn='softmax', efficient=True),  # scaled_dot_product_attention
+    'torch': dict(efficient=True, kernel='torch'),     # KArAt, logits recomputed by chunks of rows
+    'triton': dict(efficient=True, kernel='triton'),   # KArAt, fused Triton kernels (kernels.py)
+    'naive': dict(efficient=False),                    # KArAt as the paper computes it
 }
 COMPARED = ('softmax', 'torch', 'naive')
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     cuda = args.device.startswith('cuda')
     compared = [*COMPARED[:2], 'triton', COMPARED[2]] if cuda else list(COMPARED)
     args.paths = args.paths or (compared if args.compare else
-                                ['softmax' if args.attn == 'softmax' else 'naive' if args.naive else
+                                ['softmax' if args.attn == 'softmax' else 'naive' if not args.efficient else
                                  'triton' if args.kernel == 'triton' else 'torch'])
     if args.attn == 'softmax' and args.paths != ['softmax']:
         p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; got --attn softmax")
@@ -139,7 +139,7 @@ def model_step(args, path, device, cuda):
     model = build_model(model_config(flags, classes)).to(device)
     step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
                       images, labels, args, cuda)
-    return step, dict(model=args.model, attn=flags.attn, naive=flags.naive, batch=args.batch_size,
+    return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient, batch=args.batch_size,
                       img_size=args.img_size, patch_size=model.config.get('patch_size'))
 
 
@@ -148,9 +148,7 @@ def attention_step(args, path, device, cuda):
     b, h, N, d = args.call
     flags = argparse.Namespace(**vars(args) | PATHS[path])
     torch.manual_seed(args.seed)
-    attend = karat.attention_maker(flags.attn, flags.mode, flags.grid, None if flags.rank == 'full'
-                                   else min(flags.rank, N), flags.base, flags.order, flags.simplex,
-                                   not flags.naive, flags.kernel)(h, N).to(device)
+    attend = karat.attention_maker(flags.attn, **attention_options(flags))(h, N).to(device)
     dtype = torch.bfloat16 if args.amp else torch.float32
     q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -162,7 +160,7 @@ def attention_step(args, path, device, cuda):
         out.backward(grad)
         if cuda:
             torch.cuda.synchronize()
-    return step, dict(model='attention', attn=flags.attn, naive=flags.naive, batch=b, heads=h, N=N,
+    return step, dict(model='attention', attn=flags.attn, naive=not flags.efficient, batch=b, heads=h, N=N,
                       d=d)
 
 

@@ -654,7 +654,7 @@ def units_backward(dY: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 register_backward('karat::units', units_backward)
 
 
-# karat.py's fast-path interface ---------------------------------------------------------
+# fast.py's interface --------------------------------------------------------------------
 
 def like(t, q):
     """t in q's dtype: under autocast q, k and v are bf16 and the parameters float32."""
@@ -662,19 +662,18 @@ def like(t, q):
 
 
 def karat_expansion(q, k, bias, mask, X, scale, basis, G, base, elements=None):
-    """karat.rows_expansion by the fused kernels (`elements`, a PyTorch chunk size, unused)."""
+    """fast.rows_expansion by the fused kernels (`elements`, a PyTorch chunk size, unused)."""
     return expansion(q, like(k, q), bias, mask, like(X, q), scale,
-                     EXPANSIONS[basis.fn.__name__], G, ACTIVATIONS[base], *karat.SPLINE_RANGE)
+                     EXPANSIONS[basis.name], G, ACTIVATIONS[base], *karat.SPLINE_RANGE)
 
 
 def karat_units(q, k, bias, mask, params, basis, G, base, scale, elements=None):
-    """karat.rows_units by the fused kernels: the parameters stacked as (h, c, p, j)."""
-    name = basis.fn.__name__
-    if name == 'rational':
-        P = rearrange(torch.cat([params['a'], params['b']], -1), 'h p q c -> h c p q')
-    else:
-        P = torch.stack([params['w'], params['tau'], params['s']], 1)
-    Z = units(q, like(k, q), bias, mask, P, UNITS[name], scale)
+    """fast.rows_units by the fused kernels: the unit parameters stacked as (h, c, p, j) in
+    the kernels' order, rational a_0..a_5, b_1..b_4 and wavelets w, τ, s."""
+    names = ('a', 'b') if 'a' in params else ('w', 'tau', 's')
+    P = torch.cat([params[n].reshape(*params[n].shape[:3], -1) for n in names], -1)
+    Z = units(q, like(k, q), bias, mask, rearrange(P, 'h p q c -> h c p q'), UNITS[basis.name],
+              scale)
     if 'w_base' in params:
         X = like(rearrange(params['w_base'], 'h p q -> 1 h 1 q p'), q)
         Z = Z + expansion(q, like(k, q), bias, mask, X, scale, EXPANSIONS['none'], G,

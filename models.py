@@ -13,6 +13,7 @@ import inspect
 import math
 import re
 from collections import OrderedDict
+from dataclasses import asdict, fields
 
 import torch
 from einops import einsum, rearrange, repeat
@@ -386,42 +387,28 @@ MODELS = {
     'swin_s': (SwinTransformer, dict(embed_dim=96, depth=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))),
     'swin_b': (SwinTransformer, dict(embed_dim=128, depth=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))),
 }
-ATTENTION_OPTIONS = ('mode', 'grid', 'rank', 'base', 'order', 'simplex', 'efficient', 'kernel')
+ATTENTION_OPTIONS = tuple(f.name for f in fields(karat.AttentionConfig) if f.name != 'attn')
 
 
 def list_models():
     return sorted(MODELS)
 
 
-def attention_factory(attn='softmax', rank=12, **options):
-    """karat.attention_maker with the rank capped at each operator's N: r = min(r, N). A rank
-    above N adds parameters but no expressiveness (σ̂ = W Φ̂ has rank <= N), and Swin's last
-    windows at small inputs can hold fewer than r = 12 tokens. Options are checked here, once."""
-    karat.attention_maker(attn, rank=rank, **options)
-    makers = {}
-
-    def make(heads, seq_len):
-        r = None if rank is None else min(rank, seq_len)
-        if r not in makers:
-            makers[r] = karat.attention_maker(attn, rank=r, **options)
-        return makers[r](heads, seq_len)
-    return make
-
-
 def architecture_options(cls):
-    return [p for p in inspect.signature(cls).parameters if p not in ('make_attend', 'img_size', 'num_classes')]
+    return [p for p in inspect.signature(cls).parameters
+            if p not in ('make_attend', 'img_size', 'num_classes')]
 
 
 def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **options):
-    """Build a model by name with the attention `attn` ('softmax' or a basis of karat.BASES).
+    """Build a model by name with the attention `attn`: 'softmax' or a basis of karat.BASES,
+    with karat.AttentionConfig's fields as keywords (mode, grid, rank, base, order, simplex,
+    efficient, kernel, chunk_elements), or an AttentionConfig.
 
-    KArAt options: mode ('blockwise' | 'universal': one operator set per (heads, N), so per
-    stage in Swin), grid (G), rank (r; None = full N x N), base, order, simplex, efficient, kernel.
     Architecture overrides: patch_size, embed_dim, depth, num_heads, in_chans, drop_path_rate;
-    window_size for Swin (whose depth and num_heads are per-stage tuples); locality_strength for
-    ConViT. num_classes and img_size default to the model's own: 1000 and 224 for classifiers, see the
-    ViTDet section for detectors. The call's arguments are kept in `model.config`:
-    create_model(config.pop('name'), **config)."""
+    window_size for Swin (whose depth and num_heads are per-stage tuples); locality_strength
+    for ConViT. num_classes and img_size default to the model's own: 1000 and 224 for
+    classifiers, see the ViTDet section for detectors. The call's arguments are kept in
+    `model.config`: create_model(config.pop('name'), **config)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
     cls, defaults = MODELS[name]
@@ -430,12 +417,18 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for {name}; "
                          f"allowed: {', '.join(ATTENTION_OPTIONS + tuple(arch_options))}")
-    make_attend = attention_factory(attn, **{k: v for k, v in options.items() if k in ATTENTION_OPTIONS})
-    given = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
-    arch = {'num_classes': 1000, 'img_size': 224, **defaults, **given,
+    given = {k: v for k, v in options.items() if k in ATTENTION_OPTIONS}
+    attention = karat.attention_config(attn, **given)
+    sizes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items()
+             if v is not None}
+    arch = {'num_classes': 1000, 'img_size': 224, **defaults, **sizes,
             **{k: v for k, v in options.items() if k in arch_options}}
-    model = cls(make_attend, **arch)
-    model.config = dict(name=name, attn=attn, num_classes=arch['num_classes'], img_size=arch['img_size'], **options)
+    model = cls(karat.attention_maker(attention), **arch)
+    if isinstance(attn, karat.AttentionConfig):  # a config records every field, as keywords
+        attn, given = attention.attn, {k: v for k, v in asdict(attention).items() if k != 'attn'}
+    model.config = dict(name=name, attn=attn, num_classes=arch['num_classes'],
+                        img_size=arch['img_size'], **given,
+                        **{k: v for k, v in options.items() if k in arch_options})
     return model
 
 
@@ -720,9 +713,10 @@ def summarise(items, limit=3):
 
 def attention_of(config):
     """What a model's KArAt operators mean: its attention and the options that shape them (not
-    `efficient`, which changes only how they are computed), defaults filled in."""
-    defaults = inspect.signature(karat.attention_maker).parameters
-    return {k: config.get(k, defaults[k].default)
+    efficient, kernel or chunk_elements, which change only how they are computed), defaults
+    filled in."""
+    defaults = karat.AttentionConfig()
+    return {k: config.get(k, getattr(defaults, k))
             for k in ('attn', 'mode', 'grid', 'rank', 'base', 'order', 'simplex')}
 
 

@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -152,34 +152,55 @@ def ints(text):
 def rank_value(text):
     if text == 'full':
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: a positive integer r or 'full'")
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an integer r or 'full'") from None
+
+
+# The KArAt flags are karat.AttentionConfig's fields, parsed here and checked there, once.
+ATTENTION_FIELDS = [f.name for f in fields(karat.AttentionConfig)]
+HOW = ('kernel', 'chunk_elements')  # how the operators compute, not what: this run's choice even
+# on --resume
+PARSE = {'grid': int, 'rank': rank_value, 'chunk_elements': int}
+
+
+def attention_arguments(g):
+    """--attn (default fourier), --mode, --grid, --rank, --base, --order, --simplex, --naive
+    (efficient=False), --kernel, --chunk-elements."""
+    for f in fields(karat.AttentionConfig):
+        help, allowed = f.metadata['help'], f.metadata.get('choices')
+        if f.name == 'efficient':
+            g.add_argument('--naive', dest='efficient', action='store_false',
+                           help='the naive materialised formula, not the fast paths')
+        elif isinstance(f.default, bool):
+            g.add_argument(f"--{f.name}", action='store_true', help=help)
+        else:
+            g.add_argument(f"--{f.name.replace('_', '-')}", type=PARSE.get(f.name, str),
+                           default='fourier' if f.name == 'attn' else f.default, help=help,
+                           metavar='{' + ','.join(allowed) + '}' if allowed else None)
+
+
+def attention_options(args):
+    """The KArAt keywords of create_model from the flags."""
+    return {k: getattr(args, k) for k in ATTENTION_FIELDS if k != 'attn'}
 
 
 def model_arguments(p):
     """The model's flags, shared with bench.py."""
     g = p.add_argument_group('model')
     g.add_argument('--model', default='vit_tiny', choices=models.list_models())
-    g.add_argument('--attn', default='fourier', choices=karat.ATTENTIONS, help="'softmax' or a KArAt basis")
-    g.add_argument('--mode', default='blockwise', choices=karat.MODES)
-    g.add_argument('--grid', type=positive, default=3, help='G, basis functions per unit')
-    g.add_argument('--rank', type=rank_value, default=12, help="r of the low-rank operator, or 'full' (N x N units)")
-    g.add_argument('--base', default='zero', choices=list(karat.BASE_ACTIVATIONS))
-    g.add_argument('--order', default='W_phi', choices=karat.ORDERS)
-    g.add_argument('--simplex', action='store_true', help='project activated rows onto the simplex (ablation)')
-    g.add_argument('--naive', action='store_true', help='the materialised paper-style formula (efficient=False)')
-    g.add_argument('--kernel', default='auto', choices=karat.KERNELS,
-                   help="KArAt's fast path: torch (chunks of rows), triton (fused kernels, CUDA), auto (torch)")
+    attention_arguments(g)
     g.add_argument('--img-size', type=positive)
     for flag in ('--patch-size', '--embed-dim', '--window-size'):
         g.add_argument(flag, type=positive, help="the model's own default if omitted")
     for flag in ('--depth', '--num-heads'):
-        g.add_argument(flag, type=ints, help="the model's own default if omitted; Swin: one per stage, 2,2,6,2")
+        g.add_argument(flag, type=ints,
+                       help="the model's own default if omitted; Swin: one per stage, 2,2,6,2")
     g.add_argument('--drop-path', dest='drop_path_rate', type=number(float, 0.0, 1.0))
 
 
-MODEL_FLAGS = ('model', 'attn', 'mode', 'grid', 'rank', 'base', 'order', 'simplex', 'naive', 'img_size', *ARCH_FLAGS)
+MODEL_FLAGS = ('model', *(k for k in ATTENTION_FIELDS if k not in HOW), 'img_size', *ARCH_FLAGS)
 
 
 def apply_recipe(args):
@@ -230,7 +251,8 @@ def parse_args(argv=None):
     g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    args.given = [a.dest for a in p._actions if any(w.split('=')[0] in a.option_strings for w in argv)]
+    args.given = {a.dest: a.option_strings[0] for a in p._actions
+                  if any(w.split('=')[0] in a.option_strings for w in argv)}  # dest -> its flag
     data = DATASETS[args.dataset]
     if data.detection != args.model.startswith('vitdet'):
         p.error(f"the vitdet_* models train on the detection datasets "
@@ -354,8 +376,7 @@ def model_config(args, num_classes):
     """create_model's arguments; KArAt options only for KArAt, architecture overrides only if set."""
     cfg = dict(name=args.model, attn=args.attn, num_classes=num_classes, img_size=args.img_size)
     if args.attn != 'softmax':
-        cfg.update(mode=args.mode, grid=args.grid, rank=args.rank, base=args.base, order=args.order,
-                   simplex=args.simplex, efficient=not args.naive, kernel=args.kernel)
+        cfg.update(attention_options(args))
     cfg.update({k: getattr(args, k) for k in ARCH_FLAGS if getattr(args, k) is not None})
     return cfg
 
@@ -415,7 +436,7 @@ def restore_or_build(args, ckpt, classes):
     torch.manual_seed(args.seed)
     config = ckpt['config'] if ckpt else model_config(args, classes)
     if ckpt and config['attn'] != 'softmax':  # how the operators are computed is this run's choice
-        config = {**config, 'kernel': args.kernel}
+        config = {**config, **{k: getattr(args, k) for k in HOW}}
     if config['num_classes'] != classes:
         raise Fatal(f"{args.resume} has {config['num_classes']} classes, {args.dataset} has {classes}: "
                     f"--finetune starts a new run from a classifier's weights")
@@ -731,12 +752,13 @@ def check_model_flags(args, ckpt, classes):
             build_model(model_config(args, classes or 2))
         return
     mine, theirs = model_config(args, ckpt['config']['num_classes']), ckpt['config']
-    for flag in (f for f in args.given if f in MODEL_FLAGS):
-        key = {'model': 'name', 'naive': 'efficient'}.get(flag, flag)
+    for dest in (d for d in args.given if d in MODEL_FLAGS):
+        key, value = 'name' if dest == 'model' else dest, getattr(args, dest)
         if mine.get(key) != theirs.get(key):
-            raise Fatal(f"--{flag.replace('_', '-')} {getattr(args, flag)} differs from {args.resume}'s "
-                        f"{key} {theirs.get(key)}: --resume rebuilds the checkpoint's model (drop the flag, "
-                        f"or --finetune to start a new run from its weights)", code=2)
+            flag = args.given[dest] + ('' if isinstance(value, bool) else f" {value}")
+            raise Fatal(f"{flag} differs from {args.resume}'s {key} {theirs.get(key)}: --resume "
+                        "rebuilds the checkpoint's model (drop the flag, or --finetune to start a "
+                        "new run from its weights)", code=2)
 
 
 def train(args):

@@ -110,7 +110,7 @@ def test_window_blocks_are_local_and_global_blocks_are_not():
 def test_padding_tokens_of_a_window_get_exactly_zero_weight(attn):
     """An 8 x 8 map in windows of 3 is padded to 9 x 9: padded keys must not be attended."""
     torch.manual_seed(0)
-    attention = models.ViTDetAttention(96, 3, 8, 3, models.attention_factory(attn))
+    attention = models.ViTDetAttention(96, 3, 8, 3, karat.attention_maker(attn))
     with karat.capture_attention(attention) as maps, torch.no_grad():
         attention(torch.randn(2, 8, 8, 96))
     weights = rearrange(maps['attend'], '(b n) h i j -> b n h i j', b=2)  # n = 9 windows of N = 9

@@ -1,6 +1,8 @@
 """On a CUDA GPU (skipped elsewhere): the fused kernels, compiled for the device, equal karat.py's
 definition at the models' shapes, in float32 and under bf16 autocast, and torch.compile and CUDA
 graphs keep each fused op whole. `python bench.py --gpu` runs this file and every benchmark row."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -39,7 +41,7 @@ def test_triton_on_the_gpu_equals_the_definition(attn, rank, N, masking):
     op = karat.Operator(attn, 3, N, rank=rank, kernel='triton').cuda().float()
     data = inputs(N, masking, b=4, h=3, d=64)
     fast = run(karat.KArAt(op), data)
-    op.efficient = False
+    op.config = replace(op.config, efficient=False)
     naive = run(karat.KArAt(op.double()), [t if t is None or t.dtype == torch.bool else t.double()
                                            for t in data], dtype=torch.float64)
     for ours, exact in zip(fast, naive):
@@ -52,7 +54,7 @@ def test_triton_under_bf16_autocast(attn):
     op = karat.Operator(attn, 3, 197, rank=12, kernel='triton').cuda()
     data = inputs(197, 'padding', b=4, h=3, d=64)
     fast = run(karat.KArAt(op), data, torch.bfloat16, amp=True)
-    op.efficient = False
+    op.config = replace(op.config, efficient=False)
     exact = run(karat.KArAt(op.double()), [t if t is None or t.dtype == torch.bool else t.double()
                                            for t in data], dtype=torch.float64)
     for ours, reference in zip(fast, exact):

@@ -1,6 +1,8 @@
 """The maths of karat.py: bases against their formulas, the operators against each other,
 gradients, masking and sharing."""
 import math
+import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -146,7 +148,7 @@ def test_reassociated_output_equals_the_materialised_formula(attn, rank):
     A, V = torch.randn(2, 2, 7, 7, requires_grad=True), torch.randn(2, 2, 7, 3, requires_grad=True)
     results = []
     for efficient in (True, False):
-        op.efficient = efficient
+        op.config = replace(op.config, efficient=efficient)
         out = op(A, V)
         grads = torch.autograd.grad(out.pow(2).sum(), [A, V, *op.parameters()])
         results.append((out, grads))
@@ -158,7 +160,7 @@ def test_reassociated_output_equals_the_materialised_formula(attn, rank):
 def test_low_rank_output_is_W_phi_hat_A_times_V():
     op = operator(N=5, rank=2)
     A, V = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 3)
-    Z = karat.kan(A, op.basis, dict(op.phi), op.grid)
+    Z = karat.kan(A, op.basis, dict(op.phi), op.config.grid)
     S = einsum(op.W, Z, 'h n r, b h k r -> b h k n')
     torch.testing.assert_close(op(A, V), einsum(S, V, 'b h k n, b h n d -> b h k d'))
 
@@ -166,10 +168,10 @@ def test_low_rank_output_is_W_phi_hat_A_times_V():
 def test_ablation_orders_compose_as_documented():
     A, V = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 3)
     op = operator(N=5, rank=2, order='phi_W')
-    S = karat.kan(einsum(A, op.W, 'b h i j, h j r -> b h i r'), op.basis, dict(op.phi), op.grid)
+    S = karat.kan(einsum(A, op.W, 'b h i j, h j r -> b h i r'), op.basis, dict(op.phi), op.config.grid)
     torch.testing.assert_close(op(A, V, return_attention=True), S)
     op = operator(N=5, rank=2, order='phi_phi')
-    S = karat.kan(karat.kan(A, op.basis, dict(op.phi), op.grid), op.basis, dict(op.phi2), op.grid)
+    S = karat.kan(karat.kan(A, op.basis, dict(op.phi), op.config.grid), op.basis, dict(op.phi2), op.config.grid)
     torch.testing.assert_close(op(A, V, return_attention=True), S)
 
 
@@ -291,19 +293,74 @@ def test_every_basis_trains_inside_a_vit(attn, mode, rank):
 @pytest.mark.parametrize('kwargs, message', [
     (dict(attn='fourrier'), "unknown attention 'fourrier'; allowed: softmax, fourier"),
     (dict(attn='fourier', grid=0), 'grid size G must be an integer >= 1'),
-    (dict(attn='fourier', rank=0), 'rank r must be an integer in 1..N'),
+    (dict(attn='fourier', rank=0), 'rank r must be an integer >= 1'),
+    (dict(attn='fourier', kernel='cuda'), "unknown kernel 'cuda'; allowed: auto, torch, triton"),
+    (dict(attn='fourier', rank=None, order='phi_W'), "order 'phi_W' needs a low-rank operator"),
+    (dict(attn='fourier', chunk_elements=0), 'chunk_elements must be an integer >= 1'),
+    (dict(attn='fourier', rnak=3), 'unknown attention option(s) rnak; allowed: attn, mode'),
     (dict(attn='fourier', mode='global'), "unknown mode 'global'; allowed: blockwise, universal"),
     (dict(attn='fourier', base='relu'), "unknown base activation 'relu'; allowed: zero, silu"),
     (dict(attn='fourier', order='WW'), "unknown operator order 'WW'"),
 ])
 def test_bad_options_raise_value_errors_naming_the_allowed_values(kwargs, message):
-    with pytest.raises(ValueError, match=message.replace('(', r'\(').replace('.', r'\.')):
+    with pytest.raises(ValueError, match=re.escape(message)):
         karat.attention_maker(**kwargs)
 
 
-def test_rank_above_n_is_refused():
-    with pytest.raises(ValueError, match=r'1 <= r <= N = 7'):
-        karat.attention_maker('fourier', rank=8)(2, 7)
+def test_rank_is_capped_at_n_wherever_the_operator_is_built():
+    """One rule, r = min(r, N), for karat's operators and for models built from them."""
+    op = karat.attention_maker('fourier')(heads=3, seq_len=10).operator  # default r = 12
+    assert op.rank == 10 and op.W.shape == (3, 10, 10)
+    assert karat.Operator('fourier', 3, 10, rank=4).rank == 4
+    swin = models.create_model('swin_t', attn='fourier', img_size=32, num_classes=10)
+    last = swin.stages[-1][-1].attn.attend.operator  # a 1 x 1 window at 32 px
+    assert (last.seq_len, last.rank) == (1, 1)
+
+
+def test_an_option_is_checked_once_from_the_cli_to_every_operator(monkeypatch):
+    import train
+    checks = []
+    post_init = karat.AttentionConfig.__post_init__
+    monkeypatch.setattr(karat.AttentionConfig, '__post_init__',
+                        lambda self: checks.append(self) or post_init(self))
+    args = train.parse_args(['--attn', 'bspline', '--depth', '3', '--epochs', '1'])
+    train.build_model(train.model_config(args, 10))
+    assert len(checks) == 1 and checks[0].attn == 'bspline'
+
+
+def test_inputs_that_do_not_fit_the_operator_are_refused():
+    attend = karat.attention_maker('fourier', rank=3)(3, 7)
+    q, k, v = qkv(h=3)
+    for heads in (1, 4):
+        with pytest.raises(ValueError, match=f'this KArAt operator has 3 heads, got q, k, v with {heads}'):
+            attend(*(t[:, :1].expand(-1, heads, -1, -1) for t in (q, k, v)))
+    for shape in ((2, 2, 7, 7), (7, 6), (2, 1, 1, 1, 7)):
+        with pytest.raises(ValueError, match=r'mask of shape .* does not broadcast to \(b, h, i, j\)'):
+            attend(q, k, v, mask=torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r'bias of shape \(3, 7, 6\) does not broadcast'):
+        attend(q, k, v, bias=torch.zeros(3, 7, 6))
+
+
+@pytest.mark.parametrize('attn', ['softmax', 'fourier'])
+def test_a_numeric_mask_attends_where_it_is_nonzero_as_softmax_reads_it(attn):
+    attend = karat.attention_maker(attn, rank=3)(2, 7)
+    q, k, v = qkv()
+    mask = torch.rand(2, 1, 1, 7) > 0.4
+    mask[..., 0] = True
+    torch.testing.assert_close(attend(q, k, v, mask=2 * mask.long()), attend(q, k, v, mask=mask))
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('efficient', [True, False])
+def test_half_precision_inputs_work_outside_autocast_as_with_softmax(dtype, efficient):
+    """The operator meets 16-bit q, k, v in their dtype; the result is the float32 one rounded."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    attend = karat.attention_maker('fourier', rank=3, efficient=efficient)(2, 7)
+    q, k, v = (t.float() for t in qkv())
+    out = attend(*(t.to(dtype) for t in (q, k, v)))
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), attend(q, k, v), rtol=0.05, atol=0.05)
 
 
 def test_mismatched_shapes_are_refused():

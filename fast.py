@@ -1,0 +1,177 @@
+"""The fast paths of karat.py: the same attention, with nothing N x N kept for backward.
+
+karat_attention keeps the logits A (b h i j) for backward. The fast paths take q, k and the
+bias instead and recompute the logits in backward: one chunk of query rows at a time in
+PyTorch (kernel='torch', this file), tile by tile in fused Triton kernels (kernel='triton',
+kernels.py). Every form they fuse is one primitive, Y = Σ_m (M ⊙ B_m(S)) X_m with
+S = scale q k^T + bias:
+    low rank   X_m = C_m^T, Y = Z, then O = Z (W^T (M ⊙ V))
+    full rank  X_m = U_m = C_m^T (M ⊙ V), Y = O
+A mask that depends on the query masks σ̂ = M ⊙ (Z W^T) too, so O = Z (W^T V) no longer
+factors: O is a second pass of the primitive with q = Z, k = W, scale 1 and B(x) = x. Unit
+families give Z_ip = Σ_j M_ij φ_pj(S_ij) the same way. Full rank with units or a per-query
+mask is O = (M ⊙ Z) V with N outputs Z_ip, chunk by chunk; the ablations (orders, simplex)
+run the definition on chunks of rows. Chunks are recomputed in backward.
+"""
+import torch
+from einops import einsum
+from torch.utils.checkpoint import checkpoint
+
+from karat import (BASES, Basis, contract, expansion_coefs, expansion_maps, kan, karat_attention,
+                   key_masked, logits, values)
+
+
+def linear(x, G):
+    """B(x) = x, the one map of the per-query mask's second pass."""
+    return [x]
+
+
+LINEAR = Basis('linear', linear, size=lambda G: 1, gain=lambda G: 1.0,
+               vjp=lambda x, G, grad: ([x], grad(0)))
+
+
+def chunk_elements(device):
+    """Default size of a chunk's feature tensor, in elements: 8 MB of float32 on a CPU, where
+    small chunks bound the transient of backward; 1 GB on a GPU, which wants few large launches."""
+    return 2 ** 21 if device.type == 'cpu' else 2 ** 28
+
+
+def autocast_state(device):
+    """The autocast state of a forward, for its backward to re-enter (which runs outside it)."""
+    return dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                dtype=torch.get_autocast_dtype(device))
+
+
+class RecomputedExpansion(torch.autograd.Function):
+    """Y = Σ_m (M ⊙ B_m(S)) X_m keeping only q, k and the bias; backward recomputes S and the
+    maps: dX_m = F_m^T dY, dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k,
+    dk = scale dS^T q."""
+
+    @staticmethod
+    def forward(ctx, q, k, bias, mask, X, scale, basis, G, base):
+        ctx.save_for_backward(q, k, bias, mask, X)
+        ctx.static, ctx.autocast = (scale, basis, G, base), autocast_state(q.device.type)
+        maps = expansion_maps(logits(q, k, bias, scale), basis, G, base)
+        return contract(maps, X.unbind(2), mask)
+
+    @staticmethod
+    def backward(ctx, dY):
+        q, k, bias, mask, X = ctx.saved_tensors
+        scale, basis, G, base = ctx.static
+        with torch.autocast(**ctx.autocast):
+            S = logits(q, k, bias, scale)
+            grad = lambda m: dY @ X[:, :, m].mT if mask is None else (dY @ X[:, :, m].mT) * mask
+            if basis.vjp is not None and base == 'zero':
+                maps, dS = basis.vjp(S, G, grad)
+            else:
+                with torch.enable_grad():
+                    S = S.detach().requires_grad_()
+                    maps = expansion_maps(S, basis, G, base)
+                outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps)
+                                 if B.requires_grad])  # not T_0 = 1
+                dS = torch.autograd.grad(outs, S, gs)[0]
+            dX = torch.stack([(B if mask is None else B * mask).detach().mT @ dY for B in maps], 2)
+            dq, dk = dS @ k * scale, dS.mT @ q * scale
+        dbias = None if bias is None else dS.sum_to_size(bias.shape)
+        return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 4
+
+
+class Reassociated(torch.autograd.Function):
+    """O = Z (W^T V) keeping Z, W, the small W^T V (b h r d) and V itself, a view of the qkv
+    projection that autograd holds anyway: a matmul would keep V and W copied into its batched
+    layout, one N x d copy per block."""
+
+    @staticmethod
+    def forward(ctx, Z, W, V):
+        WtV = W.mT @ V  # (h r j) @ (b h j d)
+        ctx.save_for_backward(Z, W, V, WtV)
+        ctx.autocast = autocast_state(Z.device.type)
+        return Z @ WtV
+
+    @staticmethod
+    def backward(ctx, dO):
+        Z, W, V, WtV = ctx.saved_tensors
+        with torch.autocast(**ctx.autocast):
+            dWtV = Z.mT @ dO
+            return dO @ WtV.mT, (V @ dWtV.mT).sum(0), W @ dWtV
+
+
+def over_rows(fn, q, bias, mask, elements, per_row):
+    """fn(q, bias, mask) on chunks of query rows, each at most `elements` // `per_row` rows,
+    concatenated; bias and mask (b|1, h|1, i|1, j) are cut with q where they have rows."""
+    step = max(1, elements // per_row)
+    if step >= q.shape[2]:
+        return fn(q, bias, mask)
+    rows = lambda t, i: t if t is None or t.shape[2] == 1 else t[:, :, i:i + step]
+    return torch.cat([fn(rows(q, i), rows(bias, i), rows(mask, i))
+                      for i in range(0, q.shape[2], step)], dim=2)
+
+
+def recomputed(fn):
+    """fn, checkpointed when a gradient is needed: it keeps its inputs, not its intermediates."""
+    return lambda *x: checkpoint(fn, *x, use_reentrant=False) if torch.is_grad_enabled() else fn(*x)
+
+
+def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
+    """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
+    layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis,
+                                                            G, base)
+    per_row = q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2]
+    return over_rows(layer, q, bias, mask, elements, per_row)
+
+
+def rows_units(q, k, bias, mask, params, basis, G, base, scale, elements):
+    """Z_ip = Σ_j M_ij φ_pj(S_ij) of a unit family in PyTorch, chunk by chunk."""
+    layer = lambda q, bias, mask: kan(logits(q, k, bias, scale), basis, params, G, base, mask)
+    n_out = next(iter(params.values())).shape[1]  # every tensor is (h p q ...)
+    per_row = q.shape[0] * q.shape[1] * k.shape[2] * n_out
+    return over_rows(recomputed(layer), q, bias, mask, elements, per_row)
+
+
+def fast_path(kernel, device):
+    """The (expansion, units) primitives of kernel 'auto' | 'torch' | 'triton'. 'auto' is
+    PyTorch everywhere until a GPU measurement shows the Triton path faster."""
+    if kernel != 'triton':
+        return rows_expansion, rows_units
+    try:
+        import kernels
+    except ImportError as e:
+        raise ValueError(f"kernel='triton' needs Triton ({e}); allowed here: 'torch', 'auto'")
+    if device.type != 'cuda' and not kernels.INTERPRET:
+        raise ValueError(f"kernel='triton' runs on a CUDA GPU (or under TRITON_INTERPRET=1), "
+                         f"got tensors on {device.type}; allowed here: 'torch', 'auto'")
+    return kernels.karat_expansion, kernels.karat_units
+
+
+def fast_attention(q, k, v, bias, mask, params, config):
+    """karat_attention(logits(q, k, bias), v, params, config, mask), nothing N x N kept for
+    backward. q, k (b h i d), (b h j d); v (b h j e); bias, mask broadcastable to (b h i j)."""
+    expansion, units = fast_path(config.kernel, q.device)
+    basis, G, base = BASES[config.attn], config.grid, config.base
+    elements = config.chunk_elements or chunk_elements(q.device)
+    scale, per_key = q.shape[-1] ** -0.5, q.shape[0] * q.shape[1] * k.shape[2]
+    query_mask = mask is not None and mask.shape[2] > 1
+
+    def Phi(q, bias, mask):  # Z_ip = Σ_j M_ij φ_pj(S_ij)
+        if basis.expansion:
+            X = values(params['phi'])
+            return expansion(q, k, bias, mask, X, scale, basis, G, base, elements)
+        return units(q, k, bias, mask, params['phi'], basis, G, base, scale, elements)
+
+    if config.order != 'W_phi' or config.simplex:
+        layer = lambda q, bias, mask: karat_attention(logits(q, k, bias), v, params, config, mask)
+        maps = basis.size(G) if basis.expansion else 1
+        return over_rows(recomputed(layer), q, bias, mask, elements, per_key * maps * k.shape[2])
+    if config.rank is None and basis.expansion and not query_mask:
+        U = torch.stack([einsum(C, key_masked(v, mask), 'h p q, b h p d -> b h q d')
+                         for C in expansion_coefs(params['phi'])], 2)
+        return expansion(q, k, bias, mask, U, scale, basis, G, base, elements)
+    if config.rank is None:
+        layer = lambda q, bias, mask: (Phi(q, bias, mask) * (1 if mask is None else mask)) @ v
+        return over_rows(recomputed(layer), q, bias, mask, elements, per_key * k.shape[2])
+    Z = Phi(q, bias, mask)
+    if not query_mask:
+        return Reassociated.apply(Z, params['W'], key_masked(v, mask))
+    return expansion(Z, params['W'][None], None, mask, v[:, :, None], 1.0, LINEAR, 1, 'zero',
+                     elements)
+
