@@ -2,7 +2,8 @@
 the median step time and the peak memory, one JSON line per path.
 
     python bench.py --attn fourier --img-size 224 --patch-size 16 --batch-size 8 --device cpu
-    python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 --amp --device cuda
+    python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 \
+--amp --device cuda
     python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
     python bench.py --compare --call 32,3,197,64 --amp    # one attention call, forward + backward
     TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32
@@ -56,17 +57,20 @@ def path_names(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split('\n\n')[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(p)
     g = p.add_argument_group('benchmark')
-    g.add_argument('--dataset', default='digits', choices=[k for k, d in DATASETS.items() if not d.detection],
+    g.add_argument('--dataset', default='digits',
+                   choices=[k for k, d in DATASETS.items() if not d.detection],
                    help="only its number of classes and default sizes: the images are random")
     g.add_argument('--batch-size', type=positive)
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--bench-steps', type=positive, default=20, help='timed steps per path, after warm-up')
+    g.add_argument('--bench-steps', type=positive, default=20,
+                   help='timed steps per path, after warm-up')
     g.add_argument('--paths', type=path_names, help=f"comma-separated, of {', '.join(PATHS)}")
     g.add_argument('--compare', action='store_true',
                    help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
@@ -78,15 +82,17 @@ def parse_args(argv=None):
     if args.call and len(args.call) != 4:
         p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
     if args.model.startswith('vitdet'):
-        p.error(f"bench.py times classifiers; a detector's step needs boxes and masks: time --model {args.model} "
-                f"with train.py --dataset shapes")
+        p.error("bench.py times classifiers; a detector's step needs boxes and masks: "
+                f"time --model {args.model} with train.py --dataset shapes")
     cuda = args.device.startswith('cuda')
     compared = [*COMPARED[:2], 'triton', COMPARED[2]] if cuda else list(COMPARED)
     args.paths = args.paths or (compared if args.compare else
-                                ['softmax' if args.attn == 'softmax' else 'naive' if not args.efficient else
+                                ['softmax' if args.attn == 'softmax' else
+                                 'naive' if not args.efficient else
                                  'triton' if args.kernel == 'triton' else 'torch'])
     if args.attn == 'softmax' and args.paths != ['softmax']:
-        p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; got --attn softmax")
+        p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; "
+                "got --attn softmax")
     if 'triton' in args.paths and not cuda and os.environ.get('TRITON_INTERPRET') != '1':
         p.error("the triton path runs on a CUDA GPU (or, for --ops, under TRITON_INTERPRET=1)")
     return apply_recipe(args)
@@ -139,8 +145,9 @@ def model_step(args, path, device, cuda):
     model = build_model(model_config(flags, classes)).to(device)
     step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
                       images, labels, args, cuda)
-    return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient, batch=args.batch_size,
-                      img_size=args.img_size, patch_size=model.config.get('patch_size'))
+    return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient,
+                      batch=args.batch_size, img_size=args.img_size,
+                      patch_size=model.config.get('patch_size'))
 
 
 def attention_step(args, path, device, cuda):
@@ -160,8 +167,8 @@ def attention_step(args, path, device, cuda):
         out.backward(grad)
         if cuda:
             torch.cuda.synchronize()
-    return step, dict(model='attention', attn=flags.attn, naive=not flags.efficient, batch=b, heads=h, N=N,
-                      d=d)
+    return step, dict(model='attention', attn=flags.attn, naive=not flags.efficient, batch=b,
+                      heads=h, N=N, d=d)
 
 
 def benchmark(args):
@@ -171,7 +178,8 @@ def benchmark(args):
     heap, and the peak would measure fragmentation); for the timed steps the threshold goes to
     32 MiB, glibc's own steady state."""
     device, cuda = torch.device(args.device), args.device.startswith('cuda')
-    measured = cuda or Path('/proc/self/clear_refs').exists()  # CPU memory is read from Linux's /proc
+    # CPU memory is read from Linux's /proc
+    measured = cuda or Path('/proc/self/clear_refs').exists()
     libc = None if cuda or not measured else ctypes.CDLL('libc.so.6')
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
@@ -189,7 +197,8 @@ def benchmark(args):
         return dict(path=path, step=step, info=info, times=[],
                     peak=peak_memory(cuda, device) - before if measured else None)
 
-    build_and_measure(args.paths[0])  # discarded: it pays the one-time costs (thread pools, workspaces)
+    # discarded: it pays the one-time costs (thread pools, workspaces)
+    build_and_measure(args.paths[0])
     runs = [build_and_measure(path) for path in args.paths]
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
@@ -201,7 +210,8 @@ def benchmark(args):
             tic = time.perf_counter()
             run['step']()
             run['times'].append(time.perf_counter() - tic)
-    name = f"cuda ({torch.cuda.get_device_name(device)})" if cuda else f"cpu ({torch.get_num_threads()} threads)"
+    name = (f"cuda ({torch.cuda.get_device_name(device)})" if cuda
+            else f"cpu ({torch.get_num_threads()} threads)")
     for run in runs:
         batch = run['info']['batch']
         print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp,

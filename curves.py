@@ -1,7 +1,8 @@
 """Learning curves of train.py runs in one figure: the losses and the score that picks best.pt
 (test top-1, or box AP for detection), per epoch, read from each run's log.jsonl.
 
-    python curves.py runs/vit_tiny_softmax_digits runs/vit_tiny_fourier_digits -o softmax_vs_karat.png
+    python curves.py runs/vit_tiny_softmax_digits runs/vit_tiny_fourier_digits \
+-o softmax_vs_karat.png
 
 train.py redraws <output-dir>/curves.png with `plot` after every epoch.
 """
@@ -29,11 +30,13 @@ def plot(folders, path):
     for n, folder in enumerate(folders):
         rows, colour, name = read_log(folder), f'C{n}', Path(folder).name
         epochs = [r['epoch'] for r in rows]
-        score, twin = ('test_acc1', 'ema_test_acc1') if rows and 'test_acc1' in rows[0] else ('box_ap', 'mask_ap')
+        score, twin = (('test_acc1', 'ema_test_acc1') if rows and 'test_acc1' in rows[0]
+                       else ('box_ap', 'mask_ap'))
         for ax, keys in ((losses, ('train_loss', 'test_loss')), (scores, (score, twin))):
             for key, style in zip(keys, ('-', '--')):
                 if rows and key in rows[0]:
-                    ax.plot(epochs, [r[key] for r in rows], style, color=colour, marker='o', ms=3, label=f'{name} {key}')
+                    ax.plot(epochs, [r[key] for r in rows], style, color=colour, marker='o', ms=3,
+                            label=f'{name} {key}')
     losses.set(xlabel='epoch', ylabel='loss', yscale='log', title='loss')
     scores.set(xlabel='epoch', ylabel='percent', title='test score')
     for ax in (losses, scores):

@@ -83,7 +83,8 @@ class Shapes(Dataset):
             masks.append(mask)
             labels.append(label)
         masks = torch.stack(masks).to(torch.uint8)
-        return image, dict(boxes=mask_boxes(masks), labels=torch.tensor(labels), masks=masks, image_id=i)
+        return image, dict(boxes=mask_boxes(masks), labels=torch.tensor(labels), masks=masks,
+                           image_id=i)
 
 
 class CocoInstances(Dataset):
@@ -101,29 +102,35 @@ class CocoInstances(Dataset):
 
     def __getitem__(self, i):
         image, anns = self.data[i]
-        anns = [a for a in anns if not a.get('iscrowd', 0) and a['bbox'][2] >= 1 and a['bbox'][3] >= 1]
+        anns = [a for a in anns
+                if not a.get('iscrowd', 0) and a['bbox'][2] >= 1 and a['bbox'][3] >= 1]
         w, h = image.size
         boxes = torch.tensor([a['bbox'] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         masks = [torch.from_numpy(self.coco.annToMask(a)) for a in anns]
-        return v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True), dict(
-            boxes=boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h])), labels=torch.tensor([a['category_id'] for a in anns]),
-            masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8), image_id=self.data.ids[i])
+        return (v2.functional.to_dtype(v2.functional.to_image(image), torch.float32, scale=True),
+                dict(boxes=boxes.clamp(min=0).minimum(torch.tensor([w, h, w, h])),
+                     labels=torch.tensor([a['category_id'] for a in anns]),
+                     masks=torch.stack(masks) if masks else torch.zeros(0, h, w, dtype=torch.uint8),
+                     image_id=self.data.ids[i]))
 
 
 def coco_split(root, split):
-    """COCO's layout: <root>/{train,val}2017/ images, <root>/annotations/instances_{split}2017.json."""
-    images, annotations = Path(root) / f'{split}2017', Path(root) / 'annotations' / f'instances_{split}2017.json'
+    """COCO's layout: <root>/{train,val}2017/ images, \
+<root>/annotations/instances_{split}2017.json."""
+    images, annotations = (Path(root) / f'{split}2017',
+                           Path(root) / 'annotations' / f'instances_{split}2017.json')
     if not (images.is_dir() and annotations.is_file()):
-        raise FileNotFoundError(f"no COCO {split} split under {root!r}: --data-path must hold {split}2017/ and "
-                    f"annotations/instances_{split}2017.json")
+        raise FileNotFoundError(f"no COCO {split} split under {root!r}: --data-path must hold "
+                                f"{split}2017/ and annotations/instances_{split}2017.json")
     return CocoInstances(images, annotations)
 
 
 def build_datasets(name, root, img_size, sizes, limit=None):
     """(train, test, category names by label, 'background' first) of `shapes` or `coco`."""
     if name == 'shapes':
-        train_set, test_set = (Shapes(sizes[k], img_size, seed=seed) for k, seed in (('train', 0), ('test', 1)))
+        train_set, test_set = (Shapes(sizes[k], img_size, seed=seed)
+                               for k, seed in (('train', 0), ('test', 1)))
         names = list(Shapes.CLASSES)
     else:
         train_set, test_set = coco_split(root, 'train'), coco_split(root, 'val')
@@ -132,7 +139,8 @@ def build_datasets(name, root, img_size, sizes, limit=None):
         for c in categories:
             names[c['id']] = c['name']
     if limit:
-        train_set, test_set = (Subset(ds, range(min(limit, len(ds)))) for ds in (train_set, test_set))
+        train_set, test_set = (Subset(ds, range(min(limit, len(ds))))
+                               for ds in (train_set, test_set))
     return train_set, test_set, names
 
 
@@ -158,8 +166,10 @@ def coco_ground_truth(dataset, categories):
         target = dataset[i][1]
         h, w = target['masks'].shape[-2:]
         images.append(dict(id=target['image_id'], height=h, width=w))
-        for box, label, rle in zip(target['boxes'].tolist(), target['labels'].tolist(), encode_masks(target['masks'])):
-            annotations.append(dict(id=len(annotations) + 1, image_id=target['image_id'], category_id=label,
+        for box, label, rle in zip(target['boxes'].tolist(), target['labels'].tolist(),
+                                   encode_masks(target['masks'])):
+            annotations.append(dict(id=len(annotations) + 1, image_id=target['image_id'],
+                                    category_id=label,
                                     bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                     area=float(mask_utils.area(rle)), iscrowd=0, segmentation=rle))
     coco = COCO()
@@ -182,7 +192,8 @@ def detection_loss(model, batch, device='cpu'):
     """Mask R-CNN's training loss on a batch: (the sum, the five losses it sums)."""
     images, targets = batch
     to = lambda v: v.to(device) if torch.is_tensor(v) else v
-    losses = model([im.to(device) for im in images], [{k: to(v) for k, v in t.items()} for t in targets])
+    losses = model([im.to(device) for im in images],
+                   [{k: to(v) for k, v in t.items()} for t in targets])
     return sum(losses.values()), losses
 
 
@@ -195,9 +206,11 @@ def detect(model, loader, device):
             image_ids.append(int(target['image_id']))
             boxes = out['boxes'].float().cpu()
             rles = encode_masks(out['masks'][:, 0].cpu() > 0.5) if len(boxes) else []
-            for box, label, score, rle in zip(boxes.tolist(), out['labels'].tolist(), out['scores'].tolist(), rles):
+            for box, label, score, rle in zip(boxes.tolist(), out['labels'].tolist(),
+                                              out['scores'].tolist(), rles):
                 found = dict(image_id=image_ids[-1], category_id=label, score=score)
-                results['bbox'].append(dict(found, bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]]))
+                results['bbox'].append(
+                    dict(found, bbox=[box[0], box[1], box[2] - box[0], box[3] - box[1]]))
                 results['segm'].append(dict(found, segmentation=rle))
     return results, image_ids
 
@@ -234,7 +247,8 @@ def evaluate_detection(model, loader, coco_gt, device='cpu'):
     dist.all_gather_object(shares, (results, image_ids))
     metrics = [None]
     if dist.get_rank() == 0:
-        metrics[0] = coco_ap(coco_gt, {k: [r for share, _ in shares for r in share[k]] for k in results},
+        metrics[0] = coco_ap(coco_gt,
+                             {k: [r for share, _ in shares for r in share[k]] for k in results},
                              [i for _, ids in shares for i in ids])
     dist.broadcast_object_list(metrics, src=0)
     return metrics[0]

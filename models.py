@@ -106,7 +106,8 @@ def init_weights(module):
 
 def check_size(x, img_size, in_chans):
     if x.dim() != 4 or x.shape[1] != in_chans or tuple(x.shape[-2:]) != (img_size, img_size):
-        raise ValueError(f"expected images of shape (batch, {in_chans}, {img_size}, {img_size}), got {tuple(x.shape)}; "
+        raise ValueError(f"expected images of shape (batch, {in_chans}, {img_size}, {img_size}), "
+                         f"got {tuple(x.shape)}; "
                          "the model was built for this size (KArAt fixes the number of tokens N)")
 
 
@@ -137,7 +138,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, n, embed_dim), std=0.02))
         rates = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(Block(embed_dim, Attention(embed_dim, num_heads, n, make_attend), p) for p in rates)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, Attention(embed_dim, num_heads, n, make_attend), p) for p in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=VIT_EPS)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_weights)
@@ -193,7 +195,8 @@ class GPSA(Attention):
         self.qkv.weight[2 * dim:].copy_(torch.eye(dim))
         b, a = torch.meshgrid(torch.arange(k), torch.arange(k), indexing='ij')
         delta = torch.stack([b.flatten(), a.flatten()], dim=-1) - (k - 1) / 2
-        self.pos_proj.weight[:k * k] = self.locality_strength * torch.cat([2 * delta, -torch.ones(k * k, 1)], dim=-1)
+        self.pos_proj.weight[:k * k] = self.locality_strength * torch.cat(
+            [2 * delta, -torch.ones(k * k, 1)], dim=-1)
 
     def positional_attention(self):
         """P (h i j): softmax over keys of the learned function of the relative offsets."""
@@ -215,15 +218,18 @@ class ConViT(nn.Module):
         super().__init__()
         check_arch(img_size, patch_size, embed_dim, num_heads)
         if depth < 2:
-            raise ValueError(f"a ConViT needs depth >= 2 (GPSA blocks, then MHSA blocks with the CLS token), got {depth}")
+            raise ValueError("a ConViT needs depth >= 2 (GPSA blocks, then MHSA blocks with the "
+                             f"CLS token), got {depth}")
         self.img_size, self.in_chans = img_size, in_chans
         grid = img_size // patch_size
         self.num_gpsa = max(depth - 2, 1)
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, grid ** 2, embed_dim), std=0.02))
-        attention = lambda i: (GPSA(embed_dim, num_heads, grid, make_attend, locality_strength) if i < self.num_gpsa else
-                               Attention(embed_dim, num_heads, grid ** 2 + 1, make_attend, qkv_bias=False))
+        self.pos_embed = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(1, grid ** 2, embed_dim), std=0.02))
+        attention = lambda i: (
+            GPSA(embed_dim, num_heads, grid, make_attend, locality_strength) if i < self.num_gpsa
+            else Attention(embed_dim, num_heads, grid ** 2 + 1, make_attend, qkv_bias=False))
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(Block(embed_dim, attention(i), p) for i, p in enumerate(rates))
         self.norm = nn.LayerNorm(embed_dim, eps=VIT_EPS)
@@ -301,12 +307,16 @@ class WindowAttention(Attention):
         self.window, self.shift = window, shift
         self.relative_position_bias_table = nn.Parameter(
             nn.init.trunc_normal_(torch.empty((2 * window - 1) ** 2, heads), std=0.02))
-        self.register_buffer('relative_position_index', relative_position_index(window), persistent=False)
-        self.register_buffer('mask', shift_mask(size, window, shift) if shift else None, persistent=False)
+        self.register_buffer('relative_position_index', relative_position_index(window),
+                             persistent=False)
+        self.register_buffer('mask', shift_mask(size, window, shift) if shift else None,
+                             persistent=False)
 
     def forward(self, x):
-        bias = rearrange(self.relative_position_bias_table[self.relative_position_index], 'i j h -> h i j')
-        return shifted_window_attention(x, super().forward, self.window, self.shift, bias, self.mask)
+        bias = rearrange(self.relative_position_bias_table[self.relative_position_index],
+                         'i j h -> h i j')
+        return shifted_window_attention(x, super().forward, self.window, self.shift, bias,
+                                        self.mask)
 
 
 class PatchMerging(nn.Module):
@@ -335,12 +345,15 @@ class SwinTransformer(nn.Module):
     alternate plain and shifted windows (shift = window // 2), and a stage whose map is a
     single window does not shift. Window sizes follow `fit_window`."""
 
-    def __init__(self, make_attend, img_size=224, patch_size=4, in_chans=3, num_classes=1000, embed_dim=96,
-                 depth=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, drop_path_rate=0.0):
+    def __init__(self, make_attend, img_size=224, patch_size=4, in_chans=3, num_classes=1000,
+                 embed_dim=96, depth=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                 drop_path_rate=0.0):
         super().__init__()
-        if not (isinstance(depth, (list, tuple)) and isinstance(num_heads, (list, tuple)) and len(depth) == len(num_heads)):
-            raise ValueError(f"Swin's depth and num_heads are per-stage sequences of one length, e.g. (2, 2, 6, 2) "
-                             f"and (3, 6, 12, 24); got {depth!r} and {num_heads!r}")
+        if not (isinstance(depth, (list, tuple)) and isinstance(num_heads, (list, tuple))
+                and len(depth) == len(num_heads)):
+            raise ValueError("Swin's depth and num_heads are per-stage sequences of one length, "
+                             "e.g. (2, 2, 6, 2) and (3, 6, 12, 24); "
+                             f"got {depth!r} and {num_heads!r}")
         for i, heads in enumerate(num_heads):
             check_arch(img_size, patch_size, embed_dim * 2 ** i, heads)
         self.img_size, self.in_chans = img_size, in_chans
@@ -450,7 +463,8 @@ class ViTDetAttention(Attention):
     def __init__(self, dim, heads, size, window, make_attend):
         super().__init__(dim, heads, window ** 2, make_attend)
         self.size, self.window, self.pad = size, window, -size % window
-        self.register_buffer('mask', padding_mask(size, window) if self.pad else None, persistent=False)
+        self.register_buffer('mask', padding_mask(size, window) if self.pad else None,
+                             persistent=False)
 
     def forward(self, x):
         x = F.pad(x, (0, 0, 0, self.pad, 0, self.pad))
@@ -488,8 +502,10 @@ def pyramid_level(dim, out_channels, scale):
         0.5: ([nn.MaxPool2d(2)], dim),
     }[scale]
     return nn.Sequential(*resample,
-                         nn.Conv2d(channels, out_channels, 1, bias=False), LayerNorm2d(out_channels),
-                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels))
+                         nn.Conv2d(channels, out_channels, 1, bias=False),
+                         LayerNorm2d(out_channels),
+                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                         LayerNorm2d(out_channels))
 
 
 class ViTDetBackbone(nn.Module):
@@ -507,28 +523,35 @@ class ViTDetBackbone(nn.Module):
         check_arch(img_size, patch_size, embed_dim, num_heads)
         self.img_size, self.grid = img_size, img_size // patch_size
         if not 1 <= window_size <= self.grid:
-            raise ValueError(f"window_size must be in 1..{self.grid} (the token grid of img_size {img_size} "
-                             f"with patch_size {patch_size}), got {window_size}")
+            raise ValueError(f"window_size must be in 1..{self.grid} (the token grid of img_size "
+                             f"{img_size} with patch_size {patch_size}), got {window_size}")
         if not all(0 <= i < depth for i in global_blocks):
-            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, got {tuple(global_blocks)}")
+            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, "
+                             f"got {tuple(global_blocks)}")
         self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, self.grid ** 2, embed_dim), std=0.02))
+        self.pos_embed = nn.Parameter(
+            nn.init.trunc_normal_(torch.empty(1, self.grid ** 2, embed_dim), std=0.02))
         window = lambda i: self.grid if i in global_blocks else window_size
         rates = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(Block(embed_dim, ViTDetAttention(embed_dim, num_heads, self.grid, window(i), make_attend), p)
-                                    for i, p in enumerate(rates))
-        self.pyramid = nn.ModuleList(pyramid_level(embed_dim, out_channels, s) for s in PYRAMID_SCALES)
+        self.blocks = nn.ModuleList(
+            Block(embed_dim,
+                  ViTDetAttention(embed_dim, num_heads, self.grid, window(i), make_attend), p)
+            for i, p in enumerate(rates))
+        self.pyramid = nn.ModuleList(pyramid_level(embed_dim, out_channels, s)
+                                     for s in PYRAMID_SCALES)
         self.out_channels = out_channels
         self.apply(init_weights)
 
     def forward(self, x):
         check_size(x, self.img_size, 3)
-        x = rearrange(patch_tokens(self.patch_embed, x) + self.pos_embed, 'b (h w) d -> b h w d', h=self.grid)
+        x = rearrange(patch_tokens(self.patch_embed, x) + self.pos_embed, 'b (h w) d -> b h w d',
+                      h=self.grid)
         for block in self.blocks:
             x = block(x)
         x = rearrange(x, 'b h w d -> b d h w')
         features = OrderedDict((str(i), level(x)) for i, level in enumerate(self.pyramid))
-        features['pool'] = F.max_pool2d(features['3'], 1, stride=2)  # torchvision's LastLevelMaxPool
+        # torchvision's LastLevelMaxPool
+        features['pool'] = F.max_pool2d(features['3'], 1, stride=2)
         return features
 
 
@@ -549,18 +572,21 @@ class ViTDet(MaskRCNN):
     The RPN keeps proposals = (train, test) boxes per level before NMS and per image after it,
     and `rois_per_image` of them train the box head (torchvision: 2000, 1000 and 512)."""
 
-    def __init__(self, make_attend, img_size=1024, num_classes=91, patch_size=16, embed_dim=768, depth=12,
-                 num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11), drop_path_rate=0.1,
-                 out_channels=256, representation_size=1024, anchor_size=32, rois_per_image=512, proposals=(2000, 1000)):
+    def __init__(self, make_attend, img_size=1024, num_classes=91, patch_size=16, embed_dim=768,
+                 depth=12, num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11),
+                 drop_path_rate=0.1, out_channels=256, representation_size=1024, anchor_size=32,
+                 rois_per_image=512, proposals=(2000, 1000)):
         if num_classes < 2:
-            raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-        backbone = ViTDetBackbone(make_attend, img_size, patch_size, embed_dim, depth, num_heads, window_size,
-                                  tuple(global_blocks), drop_path_rate, out_channels)
+            raise ValueError("num_classes counts the background too and must be >= 2, "
+                             f"got {num_classes}")
+        backbone = ViTDetBackbone(make_attend, img_size, patch_size, embed_dim, depth, num_heads,
+                                  window_size, tuple(global_blocks), drop_path_rate, out_channels)
         levels = len(PYRAMID_SCALES) + 1
         super().__init__(
             backbone, min_size=img_size, max_size=img_size, size_divisible=img_size,
-            rpn_anchor_generator=AnchorGenerator(tuple((anchor_size * 2 ** i,) for i in range(levels)),
-                                                 ((0.5, 1.0, 2.0),) * levels),
+            rpn_anchor_generator=AnchorGenerator(
+                tuple((anchor_size * 2 ** i,) for i in range(levels)),
+                ((0.5, 1.0, 2.0),) * levels),
             box_head=TwoMLPHead(out_channels * 7 ** 2, representation_size),
             box_predictor=FastRCNNPredictor(representation_size, num_classes),
             rpn_pre_nms_top_n_train=proposals[0], rpn_post_nms_top_n_train=proposals[0],
@@ -573,13 +599,15 @@ class ViTDet(MaskRCNN):
 
 MODELS.update({
     # ViT-B at 1024 px, windows of 14 (the pretraining grid of 224 px), global blocks 2, 5, 8, 11.
-    'vitdet_base': (ViTDet, dict(embed_dim=768, depth=12, num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11),
-                                 drop_path_rate=0.1, img_size=1024, num_classes=91)),
+    'vitdet_base': (ViTDet, dict(embed_dim=768, depth=12, num_heads=12, window_size=14,
+                                 global_blocks=(2, 5, 8, 11), drop_path_rate=0.1, img_size=1024,
+                                 num_classes=91)),
     # For tests and CPU demos: 8 x 8 tokens at 128 px, windows of 4 (N = 16), every second
     # block global (N = 64), as ViT-B's every third; 64 channels, anchors from 16 px.
-    'vitdet_tiny': (ViTDet, dict(embed_dim=96, depth=4, num_heads=3, window_size=4, global_blocks=(1, 3),
-                                 drop_path_rate=0.0, img_size=128, num_classes=4, out_channels=64,
-                                 representation_size=256, anchor_size=16, rois_per_image=64, proposals=(300, 100))),
+    'vitdet_tiny': (ViTDet, dict(embed_dim=96, depth=4, num_heads=3, window_size=4,
+                                 global_blocks=(1, 3), drop_path_rate=0.0, img_size=128,
+                                 num_classes=4, out_channels=64, representation_size=256,
+                                 anchor_size=16, rois_per_image=64, proposals=(300, 100))),
 })
 
 
@@ -674,7 +702,8 @@ def resample_grid(t, axis, n, mode='bicubic'):
     t = t.movedim(axis, -1)
     g_old, g = math.isqrt(t.shape[-1]), math.isqrt(n)
     if g_old ** 2 != t.shape[-1] or g ** 2 != n:
-        raise ValueError(f"cannot resample {t.shape[-1]} tokens to {n}: both must fill square grids")
+        raise ValueError(f"cannot resample {t.shape[-1]} tokens to {n}: "
+                         "both must fill square grids")
     grid = rearrange(t, '... (h w) -> (...) 1 h w', h=g_old)
     grid = F.interpolate(grid.float(), size=(g, g), mode=mode, align_corners=False).to(t.dtype)
     return grid.reshape(*t.shape[:-1], n).movedim(-1, axis)
