@@ -2,8 +2,8 @@
 the median step time and the peak memory, one JSON line per path.
 
     python bench.py --attn fourier --img-size 224 --patch-size 16 --batch-size 8 --device cpu
-    python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 \
---amp --device cuda
+    python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 \\
+        --amp --device cuda
     python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
     python bench.py --compare --call 32,3,197,64 --amp    # one attention call, forward + backward
     TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32

@@ -1,8 +1,8 @@
 """Learning curves of train.py runs in one figure: the losses and the score that picks best.pt
 (test top-1, or box AP for detection), per epoch, read from each run's log.jsonl.
 
-    python curves.py runs/vit_tiny_softmax_digits runs/vit_tiny_fourier_digits \
--o softmax_vs_karat.png
+    python curves.py runs/vit_tiny_softmax_digits runs/vit_tiny_fourier_digits \\
+        -o softmax_vs_karat.png
 
 train.py redraws <output-dir>/curves.png with `plot` after every epoch.
 """

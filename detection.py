@@ -116,8 +116,8 @@ class CocoInstances(Dataset):
 
 
 def coco_split(root, split):
-    """COCO's layout: <root>/{train,val}2017/ images, \
-<root>/annotations/instances_{split}2017.json."""
+    """COCO's layout: <root>/{train,val}2017/ images and
+    <root>/annotations/instances_{split}2017.json."""
     images, annotations = (Path(root) / f'{split}2017',
                            Path(root) / 'annotations' / f'instances_{split}2017.json')
     if not (images.is_dir() and annotations.is_file()):
