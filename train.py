@@ -18,12 +18,42 @@ rank 0 alone prints, logs and saves. Checkpoints hold only tensors, numbers, str
 containers and are read with torch.load(weights_only=True), so loading one never runs code.
 bench.py times train steps of the same models; curves.py draws the learning curves of runs.
 """
+import os
+import signal
+import sys
+
+
+def on_interrupt(signum, frame):
+    """SIGINT's handler from the first line on (the imports take seconds). Ctrl-C reaches every
+    process of the terminal's group and torchrun then forwards it to its workers again: only
+    the first one counts, so that a second cannot break into the one line or the exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if 'main' not in globals():  # still importing: nothing written yet, no main() to report it
+        print(f"{process_name()}: interrupted while starting; nothing was written", file=sys.stderr)
+        raise SystemExit(130)
+    raise KeyboardInterrupt
+
+
+def process_name():
+    return f"[rank {os.environ['RANK']}] train.py" if 'RANK' in os.environ else 'train.py'
+
+
+def catch_interrupts():
+    """on_interrupt as SIGINT's handler, unless SIGINT is ignored (a shell's background job);
+    returns the handler it replaces."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_interrupt)
+    return previous
+
+
+if __name__ == '__main__':
+    catch_interrupts()
+
 import argparse
 import copy
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -798,7 +828,7 @@ def train(args):
 
 
 def main(argv=None):
-    prefix = f"[rank {os.environ['RANK']}] train.py" if 'RANK' in os.environ else 'train.py'
+    prefix, previous = process_name(), catch_interrupts()
     try:
         train(parse_args(argv))
     except Fatal as e:
@@ -811,6 +841,7 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == '__main__':

@@ -4,8 +4,10 @@ or two blocks at 8x8 pixels, patch 2: N = 17) keep every run to seconds on a 2-c
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -346,6 +348,47 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert done.returncode == 130
     assert done.stderr.count('\n') == 1 and 'interrupted' in done.stderr and 'Traceback' not in done.stderr
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
+
+
+def children(pid):
+    tasks = Path(f'/proc/{pid}/task').iterdir()  # each thread's own children
+    return [int(c) for task in tasks for c in (task / 'children').read_text().split()]
+
+
+def importing_torch(pid):
+    return 'libtorch' in Path(f'/proc/{pid}/maps').read_text()
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='reads processes from /proc')
+@pytest.mark.parametrize('when', ['starting', 'training'])
+def test_ctrl_c_under_torchrun_is_at_most_one_line_per_process(tmp_path, when):
+    """Ctrl-C sends SIGINT to the terminal's whole process group, torchrun forwards it again to
+    its workers, and a worker may be importing (seconds) or training. torchrun's launcher then
+    prints its own traceback (SignalException, in torch/distributed): that one is not ours."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               'train.py', *QUICK, '--epochs', '50', '--output-dir', str(tmp_path)]
+    run = subprocess.Popen(command, cwd=ROOT, env=ENV, text=True, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if when == 'starting':  # both workers are loading torch's library: seconds of imports left
+            while len(workers := children(run.pid)) < 2 or not all(map(importing_torch, workers)):
+                assert run.poll() is None
+                time.sleep(0.01)
+        else:
+            while not run.stdout.readline().startswith('epoch 1/'):
+                assert run.poll() is None
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert 'train.py", line' not in err and 'KeyboardInterrupt' not in err, err
+    ours = [line for line in err.splitlines() if 'train.py: ' in line]
+    assert sorted(line.split(']')[0] for line in ours) == ['[rank 0', '[rank 1'], err
+    assert all('interrupted' in line for line in ours)
+    if when == 'training':
+        assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] >= 1
 
 
 def test_without_a_terminal_progress_comes_as_lines(tmp_path, capsys, monkeypatch):
