@@ -16,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import models
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,7 +417,55 @@ def test_an_unreadable_image_stops_the_run_with_its_file_name(tmp_path, workers)
     assert 'broken.jpg' in err
 
 
+# The offline default ----------------------------------------------------------------------------
+
 def test_without_a_dataset_the_first_line_says_what_data_was_chosen(tmp_path, capsys):
     train.main(['--depth', '1', '--limit', '64', '--epochs', '1', '--device', 'cpu', '--output-dir', str(tmp_path)])
-    assert capsys.readouterr().out.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs')
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs, lr 0.0005')
+    assert train.chosen(train.parse_args(['--model', 'swin_t'])) == \
+        'digits, 64x64 px, patch 4, windows 4/4/4/2, 30 epochs, lr 0.000125'
+
+
+@pytest.mark.parametrize('name', models.list_models())
+def test_every_model_has_an_offline_default_it_can_learn_on(name):
+    """The model train.py builds for `--model NAME` and no other flag: its task's offline data,
+    no window of a single token (KArAt's operator would gate V by φ(q.k), unbounded: issue 16)
+    and no faster lr than the tiny model's per unit of width (Adam moves a logit by ~lr x width)."""
+    args = train.parse_args(['--model', name])
+    assert args.dataset == ('shapes' if name.startswith('vitdet') else 'digits')
+    with torch.device('meta'):
+        model = train.build_model(train.model_config(args, train.DATASETS[args.dataset].classes))
+    windowed = (models.WindowAttention, models.ViTDetAttention)
+    windows = [m.window for m in model.modules() if isinstance(m, windowed)]
+    assert min(windows, default=2) >= 2
+    width = max(m.qkv.in_features for m in model.modules() if isinstance(m, models.Attention))
+    tiny = {'digits': 5e-4 * 192, 'shapes': 1e-3 * 96}[args.dataset]  # vit_tiny's, vitdet_tiny's
+    assert args.lr * width <= tiny * (1 + 1e-12)
+
+
+# Each family's tiny model on the data and sizes train.py chooses for it, with Fourier KArAt (the
+# default), cut to a few blocks so that a run takes seconds; Swin also to 24 channels (lr 5e-4).
+FEW_BLOCKS = {'vit_tiny': ['--depth', '2'],
+              'convit_tiny': ['--depth', '3'],  # 1 GPSA block, then 2 MHSA blocks
+              'swin_t': ['--depth', '1,1,1,1', '--embed-dim', '24']}
+
+
+@pytest.mark.parametrize('name', FEW_BLOCKS)
+def test_each_family_learns_its_offline_default_without_diverging(name, tmp_path):
+    train.main(['--model', name, *FEW_BLOCKS[name], '--limit', '320', '--epochs', '2',
+                '--device', 'cpu', '--output-dir', str(tmp_path)])
+    rows = log(tmp_path)
+    assert rows[-1]['test_acc1'] >= 70  # chance: 10%
+    assert rows[-1]['test_acc1'] > rows[0]['test_acc1']
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+
+
+def test_a_detector_without_a_dataset_trains_on_shapes(tmp_path, capsys):
+    train.main(['--model', 'vitdet_tiny', '--limit', '16', '--epochs', '2', '--device', 'cpu',
+                '--output-dir', str(tmp_path)])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('no --dataset given: shapes, 128x128 px, patch 16, 2 epochs')
+    rows = log(tmp_path)
+    assert rows[-1]['train_loss'] < rows[0]['train_loss'] and 'box_ap' in rows[-1]
 
