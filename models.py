@@ -424,6 +424,11 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
     `model.config`: create_model(config.pop('name'), **config)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
+    # an int only: 2.0 classes would reach nn.Linear and fail there, far from the cause
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be an integer >= 1 (the detectors count the background: "
+                         f">= 2), got {num_classes!r}")
     cls, defaults = MODELS[name]
     arch_options = architecture_options(cls)
     unknown = set(options) - set(ATTENTION_OPTIONS) - set(arch_options)

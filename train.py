@@ -1,6 +1,7 @@
 """Train, fine-tune and evaluate the models of models.py, on one process or many.
 
     python train.py                                        # KArAt ViT-Tiny on digits: offline, minutes on a CPU
+    python train.py --model swin_t                         # digits at 64 px (vitdet_*: shapes)
     python train.py --dataset cifar10 --download           # the paper's recipe: 224 px, patch 16, 100 epochs
     torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet --data-path /data/imagenet
     python train.py --dataset svhn --finetune runs/vit_tiny_fourier_imagenet/best.pt
@@ -18,12 +19,42 @@ rank 0 alone prints, logs and saves. Checkpoints hold only tensors, numbers, str
 containers and are read with torch.load(weights_only=True), so loading one never runs code.
 bench.py times train steps of the same models; curves.py draws the learning curves of runs.
 """
+import os
+import signal
+import sys
+
+
+def on_interrupt(signum, frame):
+    """SIGINT's handler from the first line on (the imports take seconds). Ctrl-C reaches every
+    process of the terminal's group and torchrun then forwards it to its workers again: only
+    the first one counts, so that a second cannot break into the one line or the exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if 'main' not in globals():  # still importing: nothing written yet, no main() to report it
+        print(f"{process_name()}: interrupted while starting; nothing was written", file=sys.stderr)
+        raise SystemExit(130)
+    raise KeyboardInterrupt
+
+
+def process_name():
+    return f"[rank {os.environ['RANK']}] train.py" if 'RANK' in os.environ else 'train.py'
+
+
+def catch_interrupts():
+    """on_interrupt as SIGINT's handler, unless SIGINT is ignored (a shell's background job);
+    returns the handler it replaces."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, on_interrupt)
+    return previous
+
+
+if __name__ == '__main__':
+    catch_interrupts()
+
 import argparse
 import copy
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -78,6 +109,39 @@ class Data:
     sizes: dict = field(default_factory=dict)
     download: bool = False     # torchvision fetches it with --download
     detection: bool = False
+    for_model: Callable = None  # args -> the recipe's entries for args.model
+
+
+def widest(args):
+    """The model's widest embedding (Swin doubles it per stage), --embed-dim and --depth given
+    or not."""
+    arch = models.MODELS[args.model][1]
+    stages = args.depth or arch.get('depth')
+    doublings = len(stages) - 1 if isinstance(stages, tuple) else 0
+    return (args.embed_dim or arch['embed_dim']) * 2 ** doublings
+
+
+def scaled_lr(lr, width, args):
+    """A recipe's lr, tuned on a model `width` wide, for args.model: Adam moves every weight by
+    about lr a step, so a logit q.k moves by about lr times the width, and KArAt's φ, unlike
+    softmax, never saturates to stop it. Swin-T on digits at ViT-Tiny's 5e-4 fell from 93.6% to
+    82.8% at the peak lr, its 768-wide logits at ~40; at 1e-4, 98.9% (README, Training)."""
+    return lr * (width / widest(args))
+
+
+def digits_for(args):
+    """Swin halves its map of patches three times: 8x8 digits at patch 2 end in 1x1 maps,
+    whose windows of one token leave KArAt φ(q.k) v, a gate on a logit that nothing bounds
+    (softmax there is v itself, nothing to learn). At 64 px with Swin's own patch 4 the maps
+    of 16, 8, 4, 2 tokens hold windows of 4, 4, 4, 2 (N = 16, 16, 16, 4)."""
+    sizes = dict(img_size=64, patch_size=4) if args.model.startswith('swin') else {}
+    return dict(sizes, lr=scaled_lr(5e-4, 192, args))
+
+
+def shapes_for(args):
+    """ViT-B's windows of 14 would exceed the 8x8 tokens of 128 px: windows of 4 as in
+    vitdet_tiny (N = 16), whose lr (96 wide) is the recipe's."""
+    return dict(window_size=4, lr=scaled_lr(1e-3, 96, args)) if args.model == 'vitdet_base' else {}
 
 
 DATASETS = {
@@ -93,10 +157,10 @@ DATASETS = {
     # softmax ViT, which has to learn where its patches are, then trains ~3x slower
     'digits': Data(dict(LIGHT, img_size=8, patch_size=2, epochs=30, batch_size=32, lr=5e-4,
                         warmup_epochs=2, augment='none'), 10,
-                   stats=((0.305,) * 3, (0.376,) * 3), hflip=False),
+                   stats=((0.305,) * 3, (0.376,) * 3), hflip=False, for_model=digits_for),
     'coco': Data(DETECTION, detection=True),
     'shapes': Data(dict(DETECTION, img_size=128, epochs=1, lr=1e-3, warmup_epochs=0.1, weight_decay=0.05, workers=0),
-                   4, sizes={'train': 1000, 'test': 100}, detection=True),
+                   4, sizes={'train': 1000, 'test': 100}, detection=True, for_model=shapes_for),
 }
 ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size', 'drop_path_rate')
 
@@ -204,8 +268,10 @@ MODEL_FLAGS = ('model', *(k for k in ATTENTION_FIELDS if k not in HOW), 'img_siz
 
 
 def apply_recipe(args):
-    """Fill every flag not given from the dataset's recipe; lr from base-lr unless given."""
-    for key, value in DATASETS[args.dataset].recipe.items():
+    """Fill every flag not given from the dataset's recipe, with its entries for the model;
+    lr from base-lr unless given."""
+    data = DATASETS[args.dataset]
+    for key, value in {**data.recipe, **(data.for_model(args) if data.for_model else {})}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.lr is None:  # the paper's linear scaling with the total batch over all processes
@@ -217,7 +283,8 @@ def parse_args(argv=None):
     p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(p)
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', default='digits', choices=list(DATASETS))
+    g.add_argument('--dataset', choices=list(DATASETS),
+                   help='default: digits; shapes for the vitdet_* models')
     g.add_argument('--data-path', default='data', help="torchvision's root, or a folder with train/ and val/")
     g.add_argument('--download', action='store_true')
     g.add_argument('--limit', type=positive, help='train and test on at most this many images of each split')
@@ -253,6 +320,8 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args.given = {a.dest: a.option_strings[0] for a in p._actions
                   if any(w.split('=')[0] in a.option_strings for w in argv)}  # dest -> its flag
+    if args.dataset is None:  # the offline data of the model's task
+        args.dataset = 'shapes' if args.model.startswith('vitdet') else 'digits'
     data = DATASETS[args.dataset]
     if data.detection != args.model.startswith('vitdet'):
         p.error(f"the vitdet_* models train on the detection datasets "
@@ -761,6 +830,17 @@ def check_model_flags(args, ckpt, classes):
                         "new run from its weights)", code=2)
 
 
+def chosen(args, config=None):
+    """The data, the sizes (Swin's windows per stage), epochs and lr of a run of the model of
+    `config` (default: the flags')."""
+    with torch.device('meta'):
+        model = build_model(config or model_config(args, DATASETS[args.dataset].classes or 2))
+    size, patch = model.config['img_size'], getattr(model, 'backbone', model).patch_embed.stride[0]
+    windows = f", windows {'/'.join(map(str, model.windows))}" if hasattr(model, 'windows') else ''
+    return (f"{args.dataset}, {size}x{size} px, patch {patch}{windows}, {args.epochs} epochs, "
+            f"lr {args.lr:.3g}")
+
+
 def train(args):
     """Set up the task, the model and the run (new, resumed or fine-tuned), then fit, or only
     evaluate with --eval-only."""
@@ -771,8 +851,8 @@ def train(args):
     if rank == 0 and not args.eval_only:
         claim(out, args)
         if 'dataset' not in args.given:
-            print(f"no --dataset given: {args.dataset}, {args.img_size}x{args.img_size} px, patch {args.patch_size}, "
-                  f"{args.epochs} epochs (--dataset chooses another; --help lists them)", flush=True)
+            print(f"no --dataset given: {chosen(args, ckpt and ckpt['config'])} (--dataset chooses "
+                  "another; --help lists them)", flush=True)
     img_size = ckpt['config']['img_size'] if ckpt else args.img_size
     make_task = detection_task if DATASETS[args.dataset].detection else classification_task
     if rank == 0:  # rank 0 downloads while the others wait, then they read what it fetched
@@ -820,7 +900,7 @@ def train(args):
 
 
 def main(argv=None):
-    prefix = f"[rank {os.environ['RANK']}] train.py" if 'RANK' in os.environ else 'train.py'
+    prefix, previous = process_name(), catch_interrupts()
     try:
         train(parse_args(argv))
     except Fatal as e:
@@ -833,6 +913,7 @@ def main(argv=None):
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == '__main__':

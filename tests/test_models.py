@@ -276,6 +276,14 @@ def test_unknown_names_and_options_raise_listing_the_valid_ones():
         models.create_model('vit_tiny', img_size=30, patch_size=4)
 
 
+@pytest.mark.parametrize('num_classes', [0, -3, 2.5, True])
+@pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t', 'vitdet_tiny'])
+def test_a_number_of_classes_below_one_is_refused_naming_the_allowed_values(name, num_classes):
+    with torch.device('meta'), pytest.raises(ValueError, match=f'num_classes must be an integer >= 1.*'
+                                                                f'got {num_classes!r}'):
+        models.create_model(name, num_classes=num_classes)
+
+
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t'])
 def test_config_rebuilds_the_same_model(name):
     model = small(name, 'fourier', mode='universal', grid=2).eval()

@@ -4,8 +4,10 @@ or two blocks at 8x8 pixels, patch 2: N = 17) keep every run to seconds on a 2-c
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import models
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -348,6 +351,47 @@ def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
 
 
+def children(pid):
+    tasks = Path(f'/proc/{pid}/task').iterdir()  # each thread's own children
+    return [int(c) for task in tasks for c in (task / 'children').read_text().split()]
+
+
+def importing_torch(pid):
+    return 'libtorch' in Path(f'/proc/{pid}/maps').read_text()
+
+
+@pytest.mark.skipif(not Path('/proc/self/task').is_dir(), reason='reads processes from /proc')
+@pytest.mark.parametrize('when', ['starting', 'training'])
+def test_ctrl_c_under_torchrun_is_at_most_one_line_per_process(tmp_path, when):
+    """Ctrl-C sends SIGINT to the terminal's whole process group, torchrun forwards it again to
+    its workers, and a worker may be importing (seconds) or training. torchrun's launcher then
+    prints its own traceback (SignalException, in torch/distributed): that one is not ours."""
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               'train.py', *QUICK, '--epochs', '50', '--output-dir', str(tmp_path)]
+    run = subprocess.Popen(command, cwd=ROOT, env=ENV, text=True, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if when == 'starting':  # both workers are loading torch's library: seconds of imports left
+            while len(workers := children(run.pid)) < 2 or not all(map(importing_torch, workers)):
+                assert run.poll() is None
+                time.sleep(0.01)
+        else:
+            while not run.stdout.readline().startswith('epoch 1/'):
+                assert run.poll() is None
+        os.killpg(run.pid, signal.SIGINT)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode != 0
+    assert 'train.py", line' not in err and 'KeyboardInterrupt' not in err, err
+    ours = [line for line in err.splitlines() if 'train.py: ' in line]
+    assert sorted(line.split(']')[0] for line in ours) == ['[rank 0', '[rank 1'], err
+    assert all('interrupted' in line for line in ours)
+    if when == 'training':
+        assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] >= 1
+
+
 def test_without_a_terminal_progress_comes_as_lines(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, 'PROGRESS_SECONDS', 0)
     train.main(QUICK + ['--batch-size', '32', '--output-dir', str(tmp_path)])
@@ -373,7 +417,55 @@ def test_an_unreadable_image_stops_the_run_with_its_file_name(tmp_path, workers)
     assert 'broken.jpg' in err
 
 
+# The offline default ----------------------------------------------------------------------------
+
 def test_without_a_dataset_the_first_line_says_what_data_was_chosen(tmp_path, capsys):
     train.main(['--depth', '1', '--limit', '64', '--epochs', '1', '--device', 'cpu', '--output-dir', str(tmp_path)])
-    assert capsys.readouterr().out.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs')
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs, lr 0.0005')
+    assert train.chosen(train.parse_args(['--model', 'swin_t'])) == \
+        'digits, 64x64 px, patch 4, windows 4/4/4/2, 30 epochs, lr 0.000125'
+
+
+@pytest.mark.parametrize('name', models.list_models())
+def test_every_model_has_an_offline_default_it_can_learn_on(name):
+    """The model train.py builds for `--model NAME` and no other flag: its task's offline data,
+    no window of a single token (KArAt's operator would gate V by φ(q.k), unbounded: issue 16)
+    and no faster lr than the tiny model's per unit of width (Adam moves a logit by ~lr x width)."""
+    args = train.parse_args(['--model', name])
+    assert args.dataset == ('shapes' if name.startswith('vitdet') else 'digits')
+    with torch.device('meta'):
+        model = train.build_model(train.model_config(args, train.DATASETS[args.dataset].classes))
+    windowed = (models.WindowAttention, models.ViTDetAttention)
+    windows = [m.window for m in model.modules() if isinstance(m, windowed)]
+    assert min(windows, default=2) >= 2
+    width = max(m.qkv.in_features for m in model.modules() if isinstance(m, models.Attention))
+    tiny = {'digits': 5e-4 * 192, 'shapes': 1e-3 * 96}[args.dataset]  # vit_tiny's, vitdet_tiny's
+    assert args.lr * width <= tiny * (1 + 1e-12)
+
+
+# Each family's tiny model on the data and sizes train.py chooses for it, with Fourier KArAt (the
+# default), cut to a few blocks so that a run takes seconds; Swin also to 24 channels (lr 5e-4).
+FEW_BLOCKS = {'vit_tiny': ['--depth', '2'],
+              'convit_tiny': ['--depth', '3'],  # 1 GPSA block, then 2 MHSA blocks
+              'swin_t': ['--depth', '1,1,1,1', '--embed-dim', '24']}
+
+
+@pytest.mark.parametrize('name', FEW_BLOCKS)
+def test_each_family_learns_its_offline_default_without_diverging(name, tmp_path):
+    train.main(['--model', name, *FEW_BLOCKS[name], '--limit', '320', '--epochs', '2',
+                '--device', 'cpu', '--output-dir', str(tmp_path)])
+    rows = log(tmp_path)
+    assert rows[-1]['test_acc1'] >= 70  # chance: 10%
+    assert rows[-1]['test_acc1'] > rows[0]['test_acc1']
+    assert rows[-1]['train_loss'] < rows[0]['train_loss']
+
+
+def test_a_detector_without_a_dataset_trains_on_shapes(tmp_path, capsys):
+    train.main(['--model', 'vitdet_tiny', '--limit', '16', '--epochs', '2', '--device', 'cpu',
+                '--output-dir', str(tmp_path)])
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith('no --dataset given: shapes, 128x128 px, patch 16, 2 epochs')
+    rows = log(tmp_path)
+    assert rows[-1]['train_loss'] < rows[0]['train_loss'] and 'box_ap' in rows[-1]
 
