@@ -1,14 +1,18 @@
 """Train, fine-tune and evaluate the models of models.py, on one process or many.
 
-    python train.py                                        # KArAt ViT-Tiny on digits: offline, minutes on a CPU
+    # KArAt ViT-Tiny on digits: offline, minutes on a CPU
+    python train.py
     python train.py --model swin_t                         # digits at 64 px (vitdet_*: shapes)
-    python train.py --dataset cifar10 --download           # the paper's recipe: 224 px, patch 16, 100 epochs
-    torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet --data-path /data/imagenet
+    # the paper's recipe: 224 px, patch 16, 100 epochs
+    python train.py --dataset cifar10 --download
+    torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet \\
+        --data-path /data/imagenet
     python train.py --dataset svhn --finetune runs/vit_tiny_fourier_imagenet/best.pt
     python train.py --eval-only --resume runs/vit_tiny_fourier_digits/best.pt
-    python train.py --dataset shapes --model vitdet_tiny --attn fourier  # detection: ViTDet on synthetic shapes
-    torchrun --nproc_per_node=8 train.py --dataset coco --data-path /data/coco --model vitdet_base \\
-        --finetune runs/vit_base_fourier_imagenet/best.pt
+    # detection: ViTDet on synthetic shapes
+    python train.py --dataset shapes --model vitdet_tiny --attn fourier
+    torchrun --nproc_per_node=8 train.py --dataset coco --data-path /data/coco \\
+        --model vitdet_base --finetune runs/vit_base_fourier_imagenet/best.pt
 
 Every dataset has a default recipe (`DATASETS`): the paper's for the paper's datasets, a light
 one for `digits` and `fake`, ViTDet's for `coco` and `shapes`; any flag given on the command
@@ -90,10 +94,11 @@ PAPER = dict(img_size=224, patch_size=None, epochs=100, batch_size=32, lr=None, 
 # Small in-memory data: pad-and-crop at most, no Mixup, no EMA.
 LIGHT = dict(PAPER, augment='light', mixup=0.0, cutmix=0.0, ema=0.0, workers=0)
 # ViTDet's: AdamW, lr 1e-4, wd 0.1, 1024 px; no augmentation here.
-DETECTION = dict(PAPER, img_size=1024, epochs=12, batch_size=4, lr=1e-4, min_lr=0.0, warmup_epochs=0.25,
-                 warmup_lr=1e-7, weight_decay=0.1, opt_eps=1e-8, smoothing=None, augment=None, mixup=None,
-                 cutmix=None, ema=0.0, workers=4)
-CLASSIFICATION_ONLY = ('smoothing', 'augment', 'mixup', 'cutmix')  # None in DETECTION: refused there
+DETECTION = dict(PAPER, img_size=1024, epochs=12, batch_size=4, lr=1e-4, min_lr=0.0,
+                 warmup_epochs=0.25, warmup_lr=1e-7, weight_decay=0.1, opt_eps=1e-8,
+                 smoothing=None, augment=None, mixup=None, cutmix=None, ema=0.0, workers=4)
+# None in DETECTION: refused there
+CLASSIFICATION_ONLY = ('smoothing', 'augment', 'mixup', 'cutmix')
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -152,14 +157,16 @@ DATASETS = {
     'flowers102': Data(PAPER, 102, center_crop=True, download=True),
     'imagenet': Data(dict(PAPER, batch_size=128), center_crop=True),
     'folder': Data(PAPER, center_crop=True),
-    'fake': Data(dict(LIGHT, img_size=32, patch_size=4, epochs=5, warmup_epochs=1), 10, sizes={'train': 1024, 'test': 256}),
+    'fake': Data(dict(LIGHT, img_size=32, patch_size=4, epochs=5, warmup_epochs=1), 10,
+                 sizes={'train': 1024, 'test': 256}),
     # no augmentation: a one-pixel shift of an 8x8 digit moves every 2x2 patch, and the
     # softmax ViT, which has to learn where its patches are, then trains ~3x slower
     'digits': Data(dict(LIGHT, img_size=8, patch_size=2, epochs=30, batch_size=32, lr=5e-4,
                         warmup_epochs=2, augment='none'), 10,
                    stats=((0.305,) * 3, (0.376,) * 3), hflip=False, for_model=digits_for),
     'coco': Data(DETECTION, detection=True),
-    'shapes': Data(dict(DETECTION, img_size=128, epochs=1, lr=1e-3, warmup_epochs=0.1, weight_decay=0.05, workers=0),
+    'shapes': Data(dict(DETECTION, img_size=128, epochs=1, lr=1e-3, warmup_epochs=0.1,
+                        weight_decay=0.05, workers=0),
                    4, sizes={'train': 1000, 'test': 100}, detection=True, for_model=shapes_for),
 }
 ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size', 'drop_path_rate')
@@ -176,7 +183,8 @@ class Fatal(Exception):
 # Command line ----------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and no abbreviated flags (so that the flags given are known)."""
+    """argparse with one-line errors and no abbreviated flags (so that the flags given are
+    known)."""
 
     def __init__(self, **kw):
         super().__init__(allow_abbrev=False, **kw)
@@ -193,7 +201,8 @@ def number(kind, low, high=math.inf, low_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value {text!r}") from None
         if not (low < value if low_open else low <= value) or not value < high:
-            bounds = f"{'>' if low_open else '>='} {low}" if high == math.inf else f"in [{low}, {high})"
+            bounds = (f"{'>' if low_open else '>='} {low}" if high == math.inf
+                      else f"in [{low}, {high})")
             raise argparse.ArgumentTypeError(f"{text}: must be {bounds}")
         return value
     return parse
@@ -209,7 +218,8 @@ def ints(text):
     except ValueError:
         values = ()
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a positive integer or a comma-separated list")
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: a positive integer or "
+                                         "a comma-separated list")
     return values[0] if len(values) == 1 else values
 
 
@@ -280,42 +290,53 @@ def apply_recipe(args):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split('\n\n')[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(p)
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=list(DATASETS),
                    help='default: digits; shapes for the vitdet_* models')
-    g.add_argument('--data-path', default='data', help="torchvision's root, or a folder with train/ and val/")
+    g.add_argument('--data-path', default='data',
+                   help="torchvision's root, or a folder with train/ and val/")
     g.add_argument('--download', action='store_true')
-    g.add_argument('--limit', type=positive, help='train and test on at most this many images of each split')
+    g.add_argument('--limit', type=positive,
+                   help='train and test on at most this many images of each split')
     g.add_argument('--workers', type=natural)
     g = p.add_argument_group('recipe (defaults: the dataset\'s recipe)')
     for flag, kind, what in (
             ('--epochs', positive, ''), ('--batch-size', positive, 'per process'),
             ('--lr', non_negative, 'peak learning rate; default base-lr x total batch / 512'),
             ('--base-lr', non_negative, ''), ('--min-lr', non_negative, 'end of the cosine'),
-            ('--warmup-epochs', non_negative, ''), ('--warmup-lr', non_negative, 'start of the linear warmup'),
-            ('--weight-decay', non_negative, 'AdamW'), ('--opt-eps', number(float, 0.0, low_open=True), 'AdamW'),
+            ('--warmup-epochs', non_negative, ''),
+            ('--warmup-lr', non_negative, 'start of the linear warmup'),
+            ('--weight-decay', non_negative, 'AdamW'),
+            ('--opt-eps', number(float, 0.0, low_open=True), 'AdamW'),
             ('--clip-grad', non_negative, 'gradient norm; 0 = off'),
             ('--smoothing', number(float, 0.0, 1.0), 'label smoothing'),
-            ('--mixup', non_negative, 'Mixup alpha; 0 = off'), ('--cutmix', non_negative, 'CutMix alpha; 0 = off'),
+            ('--mixup', non_negative, 'Mixup alpha; 0 = off'),
+            ('--cutmix', non_negative, 'CutMix alpha; 0 = off'),
             ('--ema', number(float, 0.0, 1.0), 'EMA decay per step; 0 = off')):
         g.add_argument(flag, type=kind, help=what or None)
     g.add_argument('--augment', choices=('paper', 'light', 'none'),
-                   help='paper: RandomResizedCrop, flip, RandAugment, jitter; light: pad-and-crop, flip')
+                   help='paper: RandomResizedCrop, flip, RandAugment, jitter; '
+                        'light: pad-and-crop, flip')
     g = p.add_argument_group('run')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
     g.add_argument('--compile', action='store_true', help='torch.compile the model')
     g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--output-dir', help='default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint\'s folder')
-    g.add_argument('--overwrite', action='store_true', help='replace the run already in --output-dir')
+    g.add_argument('--output-dir',
+                   help='default: runs/<model>_<attn>_<dataset>, '
+                        'or the --resume checkpoint\'s folder')
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace the run already in --output-dir')
     g.add_argument('--resume', metavar='PATH', help='continue exactly from a checkpoint')
     g.add_argument('--finetune', metavar='PATH',
                    help="start from a train.py, timm or torchvision checkpoint's weights, new head")
     g.add_argument('--keep-head', action='store_true',
                    help="with --finetune: keep the checkpoint's classifier head (same classes)")
-    g.add_argument('--eval-only', action='store_true', help='evaluate the --resume checkpoint and exit')
+    g.add_argument('--eval-only', action='store_true',
+                   help='evaluate the --resume checkpoint and exit')
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.given = {a.dest: a.option_strings[0] for a in p._actions
@@ -358,7 +379,8 @@ def image_transform(data, args, img_size, training):
         steps = [v2.Resize(int(img_size / 0.875), antialias=True), v2.CenterCrop(img_size)]
     else:
         steps = [v2.Resize((img_size, img_size), antialias=True)]
-    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(*data.stats)])
+    return v2.Compose([v2.ToImage(), *steps, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(*data.stats)])
 
 
 class InMemory(Dataset):
@@ -401,13 +423,15 @@ def read_image(path):
         with Image.open(path) as image:
             return image.convert('RGB')
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-        raise Fatal(f"cannot read image {path} ({e}); remove or replace it, then --resume") from None
+        raise Fatal(f"cannot read image {path} ({e}); remove or replace it, "
+                    "then --resume") from None
 
 
 def image_folder(root, training, transform):
     path = Path(root) / ('train' if training else 'val')
     if not path.is_dir():
-        raise Fatal(f"no folder {path}: --data-path must hold train/ and val/ trees of class folders")
+        raise Fatal(f"no folder {path}: --data-path must hold train/ and val/ trees "
+                    "of class folders")
     return tvd.ImageFolder(path, transform=transform, loader=read_image)
 
 
@@ -421,7 +445,8 @@ def classification_datasets(args, img_size):
             return digits(training, t)
         if name == 'fake':
             n = data.sizes['train' if training else 'test']
-            return tvd.FakeData(n, (3, img_size, img_size), data.classes, t, random_offset=0 if training else 10 ** 6)
+            return tvd.FakeData(n, (3, img_size, img_size), data.classes, t,
+                                random_offset=0 if training else 10 ** 6)
         if name in ('imagenet', 'folder'):
             return image_folder(args.data_path, training, t)
         try:
@@ -434,7 +459,8 @@ def classification_datasets(args, img_size):
     if data.classes is None and train_set.classes != test_set.classes:
         raise Fatal(f"train/ and val/ under {args.data_path} hold different class folders")
     if args.limit:
-        pick = lambda ds: Subset(ds, torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.limit].tolist())
+        pick = lambda ds: Subset(ds, torch.randperm(
+            len(ds), generator=torch.Generator().manual_seed(0))[:args.limit].tolist())
         train_set, test_set = pick(train_set), pick(test_set)
     return train_set, test_set, classes
 
@@ -442,7 +468,8 @@ def classification_datasets(args, img_size):
 # Models and checkpoints ------------------------------------------------------------------------
 
 def model_config(args, num_classes):
-    """create_model's arguments; KArAt options only for KArAt, architecture overrides only if set."""
+    """create_model's arguments; KArAt options only for KArAt, architecture overrides only if
+    set."""
     cfg = dict(name=args.model, attn=args.attn, num_classes=num_classes, img_size=args.img_size)
     if args.attn != 'softmax':
         cfg.update(attention_options(args))
@@ -476,14 +503,16 @@ def read_checkpoint(path):
     except FileNotFoundError:
         raise Fatal(f"no checkpoint at {path}") from None
     except Exception as e:  # torn, foreign, or carrying objects whose unpickling could run code
-        lines = [l for l in str(e).splitlines() if l.strip() and not l.startswith(('Weights only', 'Please file', 'Check the'))]
+        lines = [l for l in str(e).splitlines()
+                 if l.strip() and not l.startswith(('Weights only', 'Please file', 'Check the'))]
         raise Fatal(f"cannot load checkpoint {path}: {(lines or [type(e).__name__])[0]}") from None
 
 
 def load_checkpoint(path):
     """A train.py checkpoint: the model's weights and config, and the run's state."""
     ckpt = read_checkpoint(path)
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and isinstance(ckpt.get('config'), dict)):
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict)
+            and isinstance(ckpt.get('config'), dict)):
         raise Fatal(f"{path} is not a train.py checkpoint (no model weights and config)")
     return ckpt
 
@@ -497,7 +526,8 @@ def load_weights(model, state, path, config):
         model.load_state_dict(state)
     except RuntimeError as e:
         detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise Fatal(f"{path} holds another architecture than its config {describe(config)}: {detail}") from None
+        raise Fatal(f"{path} holds another architecture than its config {describe(config)}: "
+                    f"{detail}") from None
 
 
 def restore_or_build(args, ckpt, classes):
@@ -507,8 +537,8 @@ def restore_or_build(args, ckpt, classes):
     if ckpt and config['attn'] != 'softmax':  # how the operators are computed is this run's choice
         config = {**config, **{k: getattr(args, k) for k in HOW}}
     if config['num_classes'] != classes:
-        raise Fatal(f"{args.resume} has {config['num_classes']} classes, {args.dataset} has {classes}: "
-                    f"--finetune starts a new run from a classifier's weights")
+        raise Fatal(f"{args.resume} has {config['num_classes']} classes, {args.dataset} has "
+                    f"{classes}: --finetune starts a new run from a classifier's weights")
     model = build_model(config)
     if ckpt:
         load_weights(model, ckpt['model'], args.resume, config)
@@ -534,7 +564,8 @@ def backbone_from(model, path):
     except ValueError as e:
         raise Fatal(f"cannot initialise the backbone from {path}: {e}") from None
     if int(os.environ.get('RANK', 0)) == 0:
-        print(f"backbone from {path}; left at init: {', '.join(report['missing']) or 'nothing'}", flush=True)
+        print(f"backbone from {path}; left at init: {', '.join(report['missing']) or 'nothing'}",
+              flush=True)
 
 
 # Optimisation ----------------------------------------------------------------------------------
@@ -556,7 +587,8 @@ def optimizer_for(model, args):
     decay, rest = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and not any(s in name for s in NO_DECAY) else rest).append(p)
-    groups = [dict(params=decay, weight_decay=args.weight_decay), dict(params=rest, weight_decay=0.0)]
+    groups = [dict(params=decay, weight_decay=args.weight_decay),
+              dict(params=rest, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
 
 
@@ -608,7 +640,8 @@ class Task:
     train_set: Dataset
     test_set: Dataset
     classes: int          # the model's num_classes
-    loss: Callable        # (model, batch) -> (loss, {name: tensor}): the mean over the batch's images
+    loss: Callable        # (model, batch) -> (loss, {name: tensor}): the mean over the
+                          # batch's images
     evaluate: Callable    # (model, loader) -> {name: float}: over the test images of every rank
     metric: str           # the score that picks best.pt
     finetune: Callable    # (model, path): a new run's weights from a checkpoint
@@ -631,8 +664,10 @@ def evaluate_classifier(model, loader, device):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        counts = (F.cross_entropy(logits, labels, reduction='sum'), top[:, 0].sum(), top.any(1).sum(), len(labels))
-        total += torch.stack([total.new_tensor(c) if isinstance(c, int) else c.double() for c in counts])
+        counts = (F.cross_entropy(logits, labels, reduction='sum'), top[:, 0].sum(),
+                  top.any(1).sum(), len(labels))
+        total += torch.stack([total.new_tensor(c) if isinstance(c, int) else c.double()
+                              for c in counts])
     loss, top1, top5, n = all_sum(total).tolist()
     return {'test_loss': loss / n, 'test_acc1': 100 * top1 / n, 'test_acc5': 100 * top5 / n}
 
@@ -641,7 +676,8 @@ def classification_task(args, img_size):
     train_set, test_set, classes = classification_datasets(args, img_size)
     device = torch.device(args.device)
     return Task(train_set, test_set, classes,
-                loss=partial(classification_loss, device=device, mix=mixer(args, classes), smoothing=args.smoothing),
+                loss=partial(classification_loss, device=device, mix=mixer(args, classes),
+                             smoothing=args.smoothing),
                 evaluate=partial(evaluate_classifier, device=device), metric='test_acc1',
                 finetune=partial(finetune_from, keep_head=args.keep_head))
 
@@ -650,23 +686,25 @@ def detection_task(args, img_size):
     """ViTDet + Mask R-CNN (detection.py): lists of images and targets, Mask R-CNN's losses,
     COCO box and mask AP; `classes` counts the background."""
     try:
-        train_set, test_set, names = detection.build_datasets(args.dataset, args.data_path, img_size,
-                                                              DATASETS[args.dataset].sizes, args.limit)
+        train_set, test_set, names = detection.build_datasets(
+            args.dataset, args.data_path, img_size, DATASETS[args.dataset].sizes, args.limit)
     except FileNotFoundError as e:
         raise Fatal(str(e)) from None
     device = torch.device(args.device)
-    return Task(train_set, test_set, len(names), loss=partial(detection.detection_loss, device=device),
-                evaluate=partial(detection.evaluate_detection, coco_gt=detection.ground_truth(test_set, names),
-                                 device=device),
+    return Task(train_set, test_set, len(names),
+                loss=partial(detection.detection_loss, device=device),
+                evaluate=partial(detection.evaluate_detection,
+                                 coco_gt=detection.ground_truth(test_set, names), device=device),
                 metric='box_ap', finetune=backbone_from, collate=detection.collate_detection)
 
 
 def loaders(task, args, rank, world):
     """Shuffling is a function of (seed, epoch) through the sampler; test images are split
     between ranks without padding, so that each is scored once."""
-    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.device.startswith('cuda'),
-              collate_fn=task.collate)
+    sampler = DistributedSampler(task.train_set, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=args.seed)
+    kw = dict(batch_size=args.batch_size, num_workers=args.workers,
+              pin_memory=args.device.startswith('cuda'), collate_fn=task.collate)
     return (DataLoader(task.train_set, sampler=sampler, **kw),
             DataLoader(task.test_set, sampler=range(rank, len(task.test_set), world), **kw))
 
@@ -700,8 +738,10 @@ def train_one_epoch(run, loader, epoch):
     args = run.args
     run.ddp.train()
     sums, images = 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, disable=run.rank != 0 or None)
-    lines, shown = run.rank == 0 and bar.disable, time.time()  # no terminal (None): lines instead of a bar
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=run.rank != 0 or None)
+    # no terminal (None): lines instead of a bar
+    lines, shown = run.rank == 0 and bar.disable, time.time()
     for i, batch in enumerate(bar):
         lr = learning_rate(run.step, args, len(loader))
         for group in run.optimizer.param_groups:
@@ -713,20 +753,22 @@ def train_one_epoch(run, loader, epoch):
         # the norm is taken over all-reduced gradients, so every rank stops at the same step
         norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip_grad or math.inf)
         if not torch.isfinite(norm):
-            raise NonFinite(f"non-finite loss or gradient at step {run.step + 1} (epoch {epoch + 1}, loss {loss.item():.4g})")
+            raise NonFinite(f"non-finite loss or gradient at step {run.step + 1} "
+                            f"(epoch {epoch + 1}, loss {loss.item():.4g})")
         run.optimizer.step()
         if run.ema:
             run.ema.update(run.raw)
         run.step += 1
         n = len(batch[0])
-        sums = sums + torch.stack([v.detach().float() for v in (loss, *terms.values())]).double() * n
+        sums = sums + torch.stack([v.detach().float()
+                                   for v in (loss, *terms.values())]).double() * n
         images += n
         if run.step % 10 == 0 and not bar.disable:
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         if lines and time.time() - shown >= PROGRESS_SECONDS:
             shown = time.time()
-            print(f"  epoch {epoch + 1}/{args.epochs}  step {i + 1}/{len(loader)}  loss {loss.item():.4g}  lr {lr:.2e}",
-                  flush=True)
+            print(f"  epoch {epoch + 1}/{args.epochs}  step {i + 1}/{len(loader)}  "
+                  f"loss {loss.item():.4g}  lr {lr:.2e}", flush=True)
     *sums, images = all_sum(torch.cat([sums, sums.new_tensor([images])])).tolist()
     return dict(zip(['train_loss', *terms], (s / images for s in sums)), lr=lr)
 
@@ -741,7 +783,8 @@ def evaluate(run, loader):
 
 
 def checkpoint(run, epoch, best, history):
-    return dict(model=run.raw.state_dict(), config=run.raw.config, optimizer=run.optimizer.state_dict(),
+    return dict(model=run.raw.state_dict(), config=run.raw.config,
+                optimizer=run.optimizer.state_dict(),
                 ema=run.ema.model.state_dict() if run.ema else None, epoch=epoch, step=run.step,
                 metric=run.task.metric, best=best, history=history, args=vars(run.args))
 
@@ -755,9 +798,11 @@ def fit(run, train_loader, test_loader, out, start_epoch, best, history):
         try:
             stats = train_one_epoch(run, train_loader, epoch)
         except NonFinite as e:
-            kept = f"{out / 'last.pt'} (epoch {epoch}) is intact" if epoch else "no checkpoint was written"
+            kept = (f"{out / 'last.pt'} (epoch {epoch}) is intact" if epoch
+                    else "no checkpoint was written")
             raise Fatal(f"{e}; stopping, {kept}") from None
-        row = dict(epoch=epoch + 1, **stats, **evaluate(run, test_loader), epoch_time=time.time() - tic)
+        row = dict(epoch=epoch + 1, **stats, **evaluate(run, test_loader),
+                   epoch_time=time.time() - tic)
         history.append(row)
         if not leader:
             continue
@@ -769,8 +814,10 @@ def fit(run, train_loader, test_loader, out, start_epoch, best, history):
         with open(out / 'log.jsonl', 'a') as f:
             f.write(json.dumps(row) + '\n')
         curves.plot([out], out / 'curves.png')
-        scores = '  '.join(f"{k} {v:.4g}" for k, v in row.items() if k not in ('epoch', 'lr', 'epoch_time'))
-        print(f"epoch {epoch + 1}/{args.epochs}  {scores}  lr {row['lr']:.2e}  {row['epoch_time']:.1f}s", flush=True)
+        scores = '  '.join(f"{k} {v:.4g}" for k, v in row.items()
+                           if k not in ('epoch', 'lr', 'epoch_time'))
+        print(f"epoch {epoch + 1}/{args.epochs}  {scores}  lr {row['lr']:.2e}  "
+              f"{row['epoch_time']:.1f}s", flush=True)
     if leader:
         print(f"best {metric} {best:.2f}; checkpoints and log.jsonl in {out}")
 
@@ -801,8 +848,8 @@ def claim(out, args):
     held = [name for name in RUN_FILES if (out / name).exists()]
     continued = args.resume and Path(args.resume).resolve().parent == out.resolve()
     if held and not continued and not args.overwrite:
-        raise Fatal(f"{out} holds a run ({', '.join(held)}): --resume {out / 'last.pt'} continues it, "
-                    f"--overwrite replaces it, or give another --output-dir")
+        raise Fatal(f"{out} holds a run ({', '.join(held)}): --resume {out / 'last.pt'} "
+                    f"continues it, --overwrite replaces it, or give another --output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name in held if args.overwrite and not continued else ():
@@ -867,8 +914,8 @@ def train(args):
     raw.to(args.device)
     fast = torch.compile(raw) if args.compile else raw
     averaged = ckpt.get('ema') is not None if args.eval_only else args.ema > 0
-    run = Run(args, task, raw, fast, DistributedDataParallel(fast) if world > 1 else fast, optimizer_for(raw, args),
-              EMA(raw, args.ema) if averaged else None, rank)
+    run = Run(args, task, raw, fast, DistributedDataParallel(fast) if world > 1 else fast,
+              optimizer_for(raw, args), EMA(raw, args.ema) if averaged else None, rank)
     train_loader, test_loader = loaders(task, args, rank, world)
 
     if args.eval_only:
@@ -885,17 +932,21 @@ def train(args):
             run.optimizer.load_state_dict(ckpt['optimizer'])
             if run.ema:
                 run.ema.model.load_state_dict(ckpt['ema'])
-            start_epoch, run.step, best, history = ckpt['epoch'], ckpt['step'], ckpt['best'], list(ckpt['history'])
+            start_epoch, run.step, best, history = (ckpt['epoch'], ckpt['step'], ckpt['best'],
+                                                    list(ckpt['history']))
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise Fatal(f"{args.resume} cannot be resumed with these options ({str(e).splitlines()[0]})") from None
+            raise Fatal(f"{args.resume} cannot be resumed with these options "
+                        f"({str(e).splitlines()[0]})") from None
     if rank == 0:
-        (out / 'args.json').write_text(json.dumps(dict(vars(args), world_size=world), indent=2) + '\n')
-        # the log is rewritten from the checkpoint, so a kill between checkpoint and log loses nothing
+        (out / 'args.json').write_text(
+            json.dumps(dict(vars(args), world_size=world), indent=2) + '\n')
+        # the log is rewritten from the checkpoint, so a kill between checkpoint and log
+        # loses nothing
         (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
         n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{describe(raw.config)}: {n_params:,} parameters; {args.dataset}: {len(task.train_set)} train / "
-              f"{len(task.test_set)} test images, {task.classes} classes; {world} process(es) on {args.device}",
-              flush=True)
+        print(f"{describe(raw.config)}: {n_params:,} parameters; "
+              f"{args.dataset}: {len(task.train_set)} train / {len(task.test_set)} test images, "
+              f"{task.classes} classes; {world} process(es) on {args.device}", flush=True)
     fit(run, train_loader, test_loader, out, start_epoch, best, history)
 
 
@@ -904,8 +955,10 @@ def main(argv=None):
     try:
         train(parse_args(argv))
     except Fatal as e:
-        lines = str(e).splitlines()  # from a loader worker: the worker's traceback, ours on its last line
-        print(f"{prefix}: error: {lines[-1].split('Fatal: ', 1)[-1] if len(lines) > 1 else e}", file=sys.stderr)
+        # from a loader worker: the worker's traceback, ours on its last line
+        lines = str(e).splitlines()
+        print(f"{prefix}: error: {lines[-1].split('Fatal: ', 1)[-1] if len(lines) > 1 else e}",
+              file=sys.stderr)
         sys.exit(e.code)
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted; the checkpoints written so far are intact", file=sys.stderr)
