@@ -2,7 +2,8 @@
 
     # KArAt ViT-Tiny on digits: offline, minutes on a CPU
     python train.py
-    python train.py --model swin_t                         # digits at 64 px (vitdet_*: shapes)
+    # Swin on digits at 64 px (vitdet_*: on shapes)
+    python train.py --model swin_t
     # the paper's recipe: 224 px, patch 16, 100 epochs
     python train.py --dataset cifar10 --download
     torchrun --nproc_per_node=8 train.py --model swin_t --attn fourier --dataset imagenet \\
