@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 # §1  Basis families -------------------------------------------------------------------
 # Expansion families map x to K feature maps B_m(x), each shaped like x; a unit is then one
