@@ -1,11 +1,13 @@
-"""Time train steps (forward, backward, AdamW) of the models of models.py on random images:
-the median step time and the peak memory, one JSON line per path.
+"""Time train steps (forward, backward, AdamW) of the models of models.py on random images
+(detectors: synthetic shapes): the median step time and the peak memory, one JSON line per path.
 
     python bench.py --attn fourier --img-size 224 --patch-size 16 --batch-size 8 --device cpu
     python bench.py --compare --attn fourier --img-size 224 --patch-size 16 --batch-size 32 \\
         --amp --device cuda
     python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
     python bench.py --compare --call 32,3,197,64 --amp    # one attention call, forward + backward
+    python bench.py --compare --model vitdet_base --grid 1 --mode universal --img-size 1024 \\
+        --batch-size 2 --amp                               # ViTDet + Mask R-CNN on shapes
     TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32
     python bench.py --gpu DIR    # on a GPU: tests/test_gpu.py and the README's GPU rows, into DIR
 
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import detection
 import karat
 from train import (DATASETS, Fatal, Parser, apply_recipe, attention_options, autocast,
                    build_model, ints, model_arguments, model_config, optimizer_for, positive)
@@ -61,9 +64,9 @@ def parse_args(argv=None):
                formatter_class=argparse.RawDescriptionHelpFormatter)
     model_arguments(p)
     g = p.add_argument_group('benchmark')
-    g.add_argument('--dataset', default='digits',
-                   choices=[k for k, d in DATASETS.items() if not d.detection],
-                   help="only its number of classes and default sizes: the images are random")
+    g.add_argument('--dataset', choices=[k for k, d in DATASETS.items() if not d.detection],
+                   help="only its number of classes and default sizes: the images are random "
+                        "(default digits; a vitdet_* model times a batch of synthetic shapes)")
     g.add_argument('--batch-size', type=positive)
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
@@ -81,9 +84,11 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.call and len(args.call) != 4:
         p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
-    if args.model.startswith('vitdet'):
-        p.error("bench.py times classifiers; a detector's step needs boxes and masks: "
-                f"time --model {args.model} with train.py --dataset shapes")
+    detector = args.model.startswith('vitdet')
+    if detector and (args.dataset or args.call or args.ops):
+        p.error(f"--model {args.model} times a detector's train step on synthetic shapes: "
+                "no --dataset, --call or --ops with it")
+    args.dataset = args.dataset or ('shapes' if detector else 'digits')
     cuda = args.device.startswith('cuda')
     compared = [*COMPARED[:2], 'triton', COMPARED[2]] if cuda else list(COMPARED)
     args.paths = args.paths or (compared if args.compare else
@@ -150,6 +155,30 @@ def model_step(args, path, device, cuda):
                       patch_size=model.config.get('patch_size'))
 
 
+def detector_step(args, path, device, cuda):
+    """A train step of ViTDet + Mask R-CNN by `path` on a fixed batch of synthetic shapes, its
+    loss Mask R-CNN's five summed."""
+    flags = argparse.Namespace(**vars(args) | PATHS[path])
+    shapes = detection.Shapes(args.batch_size, args.img_size)
+    images, targets = detection.collate_detection([shapes[i] for i in range(args.batch_size)])
+    batch = [im.to(device) for im in images], [{k: v.to(device) if torch.is_tensor(v) else v
+                                                 for k, v in t.items()} for t in targets]
+    torch.manual_seed(args.seed)
+    model = build_model(model_config(flags, DATASETS['shapes'].classes)).to(device).train()
+    optimizer = optimizer_for(model, args)
+
+    def step():
+        with autocast(args):
+            loss = sum(model(*batch).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if cuda:
+            torch.cuda.synchronize()
+    return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient,
+                      batch=args.batch_size, img_size=args.img_size)
+
+
 def attention_step(args, path, device, cuda):
     """Forward and backward of one attention call on random q, k, v (b h N d) by `path`."""
     b, h, N, d = args.call
@@ -183,7 +212,8 @@ def benchmark(args):
     libc = None if cuda or not measured else ctypes.CDLL('libc.so.6')
     if libc:
         libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    make = attention_step if args.call else model_step
+    make = (attention_step if args.call else detector_step if args.model.startswith('vitdet')
+            else model_step)
 
     def build_and_measure(path):
         before = memory_now(cuda, device) if measured else None
@@ -256,6 +286,7 @@ GPU_ROWS = [
     '--compare --rank full --img-size 224 --patch-size 16 --batch-size 32 --amp',
     '--compare --call 32,3,197,64 --amp',
     '--compare --grid 1 --mode universal --call 1,12,4096,64 --amp',
+    '--compare --model vitdet_base --grid 1 --mode universal --img-size 1024 --batch-size 2 --amp',
 ]
 
 
