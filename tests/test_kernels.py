@@ -63,9 +63,16 @@ def fast_and_naive(attn, kernel, N, masking, chunk=64, **options):
     return results
 
 
-@pytest.mark.parametrize('kernel', PATHS)
-@pytest.mark.parametrize('attn', karat.BASES)
-@pytest.mark.parametrize('rank', [3, None])
+# Full rank with a unit family is the unit kernel with N outputs: on the Triton path (minutes
+# under the interpreter) one rational and one wavelet stand for the families, which the low-rank
+# cases cover one by one.
+FULL_RANK_UNITS_ON_TRITON = ('rational', 'morlet')
+CASES = [(kernel, attn, rank) for kernel in PATHS for attn in karat.BASES for rank in (3, None)
+         if not (kernel == 'triton' and rank is None and not karat.BASES[attn].expansion
+                 and attn not in FULL_RANK_UNITS_ON_TRITON)]
+
+
+@pytest.mark.parametrize('kernel, attn, rank', CASES)
 @pytest.mark.parametrize('masking', ['none', 'padding', 'shift'])
 def test_fast_path_equals_the_definition(kernel, attn, rank, masking):
     """Output and the gradients of q, k, v, the bias and every parameter, float64, N = 17."""
