@@ -158,20 +158,21 @@ def fast_attention(q, k, v, bias, mask, params, config):
             return expansion(q, k, bias, mask, X, scale, basis, G, base, elements)
         return units(q, k, bias, mask, params['phi'], basis, G, base, scale, elements)
 
-    if config.order != 'W_phi' or config.simplex:
+    if config.order != 'W_phi' or config.simplex:  # the ablations: the definition, by chunks
         layer = lambda q, bias, mask: karat_attention(logits(q, k, bias), v, params, config, mask)
         maps = basis.size(G) if basis.expansion else 1
         return over_rows(recomputed(layer), q, bias, mask, elements, per_key * maps * k.shape[2])
-    if config.rank is None and basis.expansion and not query_mask:
+    if config.rank is None and basis.expansion and not query_mask:  # O = Σ_m (M ⊙ B_m(S)) U_m
         U = torch.stack([einsum(C, key_masked(v, mask), 'h p q, b h p d -> b h q d')
                          for C in expansion_coefs(params['phi'])], 2)
         return expansion(q, k, bias, mask, U, scale, basis, G, base, elements)
-    if config.rank is None:
+    if config.rank is None:  # O = (M ⊙ Z) V, Z with N outputs: one chunk of rows at a time
         layer = lambda q, bias, mask: (Phi(q, bias, mask) * (1 if mask is None else mask)) @ v
         return over_rows(recomputed(layer), q, bias, mask, elements, per_key * k.shape[2])
     Z = Phi(q, bias, mask)
-    if not query_mask:
+    if not query_mask:  # O = Z (W^T (M ⊙ V))
         return Reassociated.apply(Z, params['W'], key_masked(v, mask))
+    # the second pass, O_i = Σ_j M_ij (Z_i · W_j) V_j
     return expansion(Z, params['W'][None], None, mask, v[:, :, None], 1.0, LINEAR, 1, 'zero',
                      elements)
 
