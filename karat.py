@@ -3,8 +3,8 @@
 Softmax turns a row of attention logits A_k = q_k K^T / sqrt(d) (plus any bias) into
 weights over the N keys. KArAt replaces it with a learnable Kolmogorov-Arnold operator:
 
-    full        σ(A_k) = Φ(A_k),      Φ: R^N -> R^N,  Φ(a)_p = Σ_q φ_pq(a_q)   (N x N units)
-    low-rank    σ̂(A_k) = W Φ̂(A_k),   Φ̂: R^N -> R^r,  W ∈ R^{N x r}            (r x N units)
+    full       σ(A_k) = Φ(A_k),     Φ: R^N -> R^N,  Φ(a)_p = Σ_q φ_pq(a_q)   (N x N units)
+    low-rank   σ̂(A_k) = W Φ̂(A_k),  Φ̂: R^N -> R^r,  W ∈ R^{N x r}          (r x N units)
 
 and the output row is O_k = Σ_n σ̂(A_k)_n V_n. Because σ̂ = W Φ̂ is linear in W, the output
 re-associates exactly to O = Z (W^T V) with Z_kp = Φ̂(A_k)_p: the N x N activated matrix is

@@ -170,7 +170,8 @@ def relative_offsets(grid):
 class GPSA(Attention):
     """Gated positional self-attention (d'Ascoli et al. 2021) over the N patches (no CLS):
 
-        O_h = (1 - σ(λ_h)) attend(Q_h, K_h, V_h) + σ(λ_h) P_h V_h,   P_h = softmax_j(r_ij · v_pos_h)
+        O_h = (1 - σ(λ_h)) attend(Q_h, K_h, V_h) + σ(λ_h) P_h V_h,
+        P_h = softmax_j(r_ij · v_pos_h)
 
     KArAt replaces only the content attention, and the sum is not divided by its row sum as
     ConViT does: after two softmaxes that is a no-op, after a learnable σ̂ a division by ~0.
@@ -178,8 +179,8 @@ class GPSA(Attention):
 
     Init: λ_h = 1, so σ(λ) = 0.73 and every head starts mostly positional. Locality with
     strength α: the heads h = a + k b (k = ⌊√heads⌋, c = (k - 1)/2) get
-    v_pos_h = α (2Δx, 2Δy, -1), Δ = (b - c, a - c), so P_h ∝ exp(-α |δ - Δ|²) is centred on
-    the offset Δ (heads beyond k², if any, stay random); V starts as the identity map.
+    v_pos_h = α (2Δx, 2Δy, -1), Δ = (b - c, a - c), so P_h ∝ exp(-α |δ - Δ|²) is centred
+    on the offset Δ (heads beyond k², if any, stay random); V starts as the identity map.
     """
 
     def __init__(self, dim, heads, grid, make_attend, locality_strength=1.0):
@@ -320,8 +321,8 @@ class WindowAttention(Attention):
 
 
 class PatchMerging(nn.Module):
-    """Each 2 x 2 group of tokens becomes one: (b, H, W, c) -> (b, ⌈H/2⌉, ⌈W/2⌉, 2c), odd maps
-    zero-padded (torchvision's layout and order of the four tokens)."""
+    """Each 2 x 2 group of tokens becomes one: (b, H, W, c) -> (b, ⌈H/2⌉, ⌈W/2⌉, 2c), odd
+    maps zero-padded (torchvision's layout and order of the four tokens)."""
 
     def __init__(self, dim):
         super().__init__()
@@ -425,10 +426,10 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
     # an int only: 2.0 classes would reach nn.Linear and fail there, far from the cause
-    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                    or num_classes < 1):
-        raise ValueError(f"num_classes must be an integer >= 1 (the detectors count the background: "
-                         f">= 2), got {num_classes!r}")
+    whole = isinstance(num_classes, int) and not isinstance(num_classes, bool)
+    if num_classes is not None and not (whole and num_classes >= 1):
+        raise ValueError("num_classes must be an integer >= 1 (the detectors count the "
+                         f"background: >= 2), got {num_classes!r}")
     cls, defaults = MODELS[name]
     arch_options = architecture_options(cls)
     unknown = set(options) - set(ATTENTION_OPTIONS) - set(arch_options)
