@@ -14,11 +14,11 @@ mask is O = (M ⊙ Z) V with N outputs Z_ip, chunk by chunk; the ablations (orde
 run the definition on chunks of rows. Chunks are recomputed in backward.
 """
 import torch
-from einops import einsum
+from einops import einsum, rearrange
 from torch.utils.checkpoint import checkpoint
 
 from karat import (BASES, Basis, contract, expansion_coefs, expansion_maps, kan, karat_attention,
-                   key_masked, logits, values)
+                   key_masked, logits)
 
 
 def linear(x, G):
@@ -28,6 +28,14 @@ def linear(x, G):
 
 LINEAR = Basis('linear', linear, size=lambda G: 1, gain=lambda G: 1.0,
                vjp=lambda x, G, grad: ([x], grad(0)))
+
+
+def values(params):
+    """The low-rank primitive's X_m = C_m^T, stacked (1 h m q p): a view of the coefficients."""
+    C = params['coef']
+    if 'w_base' in params:
+        C = torch.cat([C, params['w_base'][..., None]], -1)
+    return rearrange(C, 'h p q m -> 1 h m q p')
 
 
 def chunk_elements(device):
@@ -152,16 +160,17 @@ def fast_attention(q, k, v, bias, mask, params, config):
     scale, per_key = q.shape[-1] ** -0.5, q.shape[0] * q.shape[1] * k.shape[2]
     query_mask = mask is not None and mask.shape[2] > 1
 
-    def Phi(q, bias, mask):  # Z_ip = Σ_j M_ij φ_pj(S_ij)
-        if basis.expansion:
-            X = values(params['phi'])
-            return expansion(q, k, bias, mask, X, scale, basis, G, base, elements)
-        return units(q, k, bias, mask, params['phi'], basis, G, base, scale, elements)
-
     if config.order != 'W_phi' or config.simplex:  # the ablations: the definition, by chunks
         layer = lambda q, bias, mask: karat_attention(logits(q, k, bias), v, params, config, mask)
         maps = basis.size(G) if basis.expansion else 1
         return over_rows(recomputed(layer), q, bias, mask, elements, per_key * maps * k.shape[2])
+    X = values(params['phi']) if basis.expansion else None  # once, not per chunk of rows
+
+    def Phi(q, bias, mask):  # Z_ip = Σ_j M_ij φ_pj(S_ij)
+        if basis.expansion:
+            return expansion(q, k, bias, mask, X, scale, basis, G, base, elements)
+        return units(q, k, bias, mask, params['phi'], basis, G, base, scale, elements)
+
     if config.rank is None and basis.expansion and not query_mask:  # O = Σ_m (M ⊙ B_m(S)) U_m
         U = torch.stack([einsum(C, key_masked(v, mask), 'h p q, b h p d -> b h q d')
                          for C in expansion_coefs(params['phi'])], 2)

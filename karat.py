@@ -242,14 +242,6 @@ def expansion_coefs(params):
     return params['coef'].unbind(-1) + ((params['w_base'],) if 'w_base' in params else ())
 
 
-def values(params):
-    """The low-rank primitive's X_m = C_m^T, stacked (1 h m q p): a view of the coefficients."""
-    C = params['coef']
-    if 'w_base' in params:
-        C = torch.cat([C, params['w_base'][..., None]], -1)
-    return rearrange(C, 'h p q m -> 1 h m q p')
-
-
 def contract(maps, values, mask):
     """Σ_m (mask ⊙ B_m) X_m per head: matmul broadcasts (b h i j) @ (b|1 h j e), no copies."""
     return sum((B if mask is None else B * mask) @ X for B, X in zip(maps, values))
@@ -275,6 +267,7 @@ def kan(x, basis, params, G, base='zero', mask=None):
         b = b if mask is None else b * mask
         out = out + einsum(b, params['w_base'], 'b h i q, h p q -> b h i p')
     return out
+
 
 # §3  Attention operators ----------------------------------------------------------------
 
@@ -332,7 +325,6 @@ def logits(q, k, bias=None, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     A = einsum(q, k, 'b h i d, b h j d -> b h i j') * scale
     return A if bias is None else A + bias
-
 
 
 # §4  Options and modules: parameters, sharing, one interface for softmax and KArAt -------
@@ -465,15 +457,15 @@ class Operator(nn.Module):
 def check_inputs(q, k, v, bias=None, mask=None, heads=None, seq_len=None):
     """A ValueError naming what does not fit: q (b h i d), k (b h j d), v (b h j e), bias and
     mask broadcastable to (b h i j), and an operator's heads and N when given."""
-    shapes = ', '.join(str(tuple(t.shape)) for t in (q, k, v))
+    shapes = lambda: ', '.join(str(tuple(t.shape)) for t in (q, k, v))  # for a message only
     if not (q.dim() == k.dim() == v.dim() == 4):
-        raise ValueError(f"q, k, v must be (batch, heads, tokens, dim), got shapes {shapes}")
+        raise ValueError(f"q, k, v must be (batch, heads, tokens, dim), got shapes {shapes()}")
     if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q, k, v disagree: shapes {shapes}; "
+        raise ValueError(f"q, k, v disagree: shapes {shapes()}; "
                          "allowed: q (b h i d), k (b h j d), v (b h j e)")
     if heads is not None and q.shape[1] != heads:
         raise ValueError(f"this KArAt operator has {heads} heads, got q, k, v with "
-                         f"{q.shape[1]}: shapes {shapes}")
+                         f"{q.shape[1]}: shapes {shapes()}")
     if seq_len is not None and k.shape[2] != seq_len:
         raise ValueError(f"this KArAt operator was built for N = {seq_len} keys, got "
                          f"{k.shape[2]}; a KArAt model accepts only the sequence length (image "
