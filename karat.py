@@ -175,12 +175,6 @@ class Basis:
     def expansion(self):
         return self.maps is not None
 
-    def parameters(self, shape, G, std):
-        """Initial parameters of `shape` units, each of output standard deviation ~std."""
-        if self.expansion:
-            return {'coef': torch.randn(*shape, self.size(G)) * std * self.gain(G)}
-        return self.init(shape, std)
-
 
 def rational_init(shape, std):
     """P starts as a random affine map; Q starts small but non-zero, since |Q| has no gradient
@@ -223,9 +217,13 @@ def init_kan(basis, heads, n_out, n_in, G, base, std):
     2G such terms has standard deviation ~sqrt(2GN) ≈ 34 and an untrained ViT diverges. We
     scale like a variance-preserving layer (FourierKAN's 1/sqrt(n_in G)): the caller picks
     std = 1/sqrt(n_in) so that Σ_q φ_pq(a_q) has unit variance."""
-    p = basis.parameters((heads, n_out, n_in), G, std)
+    shape = (heads, n_out, n_in)
+    if basis.expansion:
+        p = {'coef': torch.randn(*shape, basis.size(G)) * std * basis.gain(G)}
+    else:
+        p = basis.init(shape, std)
     if BASE_ACTIVATIONS[base] is not None:
-        p['w_base'] = torch.randn(heads, n_out, n_in) * std
+        p['w_base'] = torch.randn(shape) * std
     return p
 
 
