@@ -39,9 +39,11 @@ def values(params):
 
 
 def chunk_elements(device):
-    """Default size of a chunk's feature tensor, in elements: 8 MB of float32 on a CPU, where
-    small chunks bound the transient of backward; 1 GB on a GPU, which wants few large launches."""
-    return 2 ** 21 if device.type == 'cpu' else 2 ** 28
+    """Default size of a chunk's feature tensor, in elements: 16 MB of float32 on a CPU, where
+    chunks bound the transient of backward (at ViT-Tiny's N = 197 and batch 8, 2^22 steps 10%
+    faster than 2^21 at the same peak, 2^23 raises it); 1 GB on a GPU, which wants few large
+    launches."""
+    return 2 ** 22 if device.type == 'cpu' else 2 ** 28
 
 
 def autocast_state(device):
@@ -78,7 +80,8 @@ class RecomputedExpansion(torch.autograd.Function):
                 outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps)
                                  if B.requires_grad])  # not T_0 = 1
                 dS = torch.autograd.grad(outs, S, gs)[0]
-            dX = torch.stack([(B if mask is None else B * mask).detach().mT @ dY for B in maps], 2)
+            dX = torch.stack([dY.mT @ (B if mask is None else B * mask).detach() for B in maps],
+                             2).mT  # dX_m^T = dY^T F_m: faster than F_m^T dY on a CPU
             dq, dk = dS @ k * scale, dS.mT @ q * scale
         dbias = None if bias is None else dS.sum_to_size(bias.shape)
         return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 4

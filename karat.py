@@ -21,9 +21,7 @@ same functions keeping nothing N x N for backward (kernels.py: fused Triton kern
     attend = attention_maker('fourier', grid=3, rank=12)(heads=3, seq_len=197)
     out = attend(q, k, v)            # q, k, v: (batch, heads, tokens, dim)
 """
-import inspect
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
@@ -45,11 +43,12 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 def fourier(x, G):
     """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps, by angle addition from one cos x and
     one sin x, cos((m+1)x) = cos(mx) cos x - sin(mx) sin x, sin((m+1)x) = sin(mx) cos x +
-    cos(mx) sin x: four multiplies per map are cheaper than a sin and a cos."""
+    cos(mx) sin x: a multiply and a fused multiply-add per map are cheaper than a sin or a cos."""
     cos, sin = [torch.cos(x)], [torch.sin(x)]
     for _ in range(G - 1):
         c, s = cos[-1], sin[-1]
-        cos, sin = cos + [c * cos[0] - s * sin[0]], sin + [s * cos[0] + c * sin[0]]
+        cos.append((c * cos[0]).addcmul_(s, sin[0], value=-1))
+        sin.append((s * cos[0]).addcmul_(c, sin[0]))
     return cos + sin
 
 
@@ -321,7 +320,7 @@ def karat_attention(A, V, params, config, mask=None, return_attention=False):
 def logits(q, k, bias=None, scale=None):
     """A = q k^T / sqrt(d) (+ bias): (b h i d), (b h j d) -> (b h i j); another scale if given."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    A = einsum(q, k, 'b h i d, b h j d -> b h i j') * scale
+    A = einsum(q * scale, k, 'b h i d, b h j d -> b h i j')  # q is d wide, A is N wide
     return A if bias is None else A + bias
 
 
@@ -358,7 +357,7 @@ class AttentionConfig:
     kernel: str = choice('auto', 'kernel', KERNELS, "the fast path: torch (chunks of rows), "
                          "triton (fused kernels, CUDA), auto (torch until measured on a GPU)")
     chunk_elements: int | None = field(default=None, metadata=dict(
-        help="features per chunk of the PyTorch path (default 2^21 on a CPU, 2^28 on a GPU)"))
+        help="features per chunk of the PyTorch path (default 2^22 on a CPU, 2^28 on a GPU)"))
 
     def __post_init__(self):
         def bad(what, allowed):
@@ -430,10 +429,6 @@ class Operator(nn.Module):
                 units = init_kan(self.basis, heads, *shape, config.grid, config.base, std)
                 setattr(self, name, nn.ParameterDict(units))
 
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
     def tensors(self):
         """The parameters as karat_attention takes them: {'phi': {name: tensor}, 'W': tensor}."""
         return {name: getattr(self, name) if name == 'W' else dict(getattr(self, name))
@@ -481,11 +476,6 @@ def four_d(t):
     return t if t is None else t.reshape((1,) * (4 - t.dim()) + t.shape)
 
 
-def as_mask(mask, dtype):
-    """A mask (bool, or numbers: nonzero = attend, as softmax reads it) -> 4-D 0/1 of `dtype`."""
-    return None if mask is None else four_d(mask).bool().to(dtype)
-
-
 class Softmax(nn.Module):
     """softmax(q k^T / sqrt(d) + bias) V through scaled_dot_product_attention (flash kernels)."""
 
@@ -502,9 +492,8 @@ class Softmax(nn.Module):
     def additive(bias, mask, q):
         if mask is None:
             return bias
-        m = torch.zeros(mask.shape, dtype=q.dtype, device=q.device)
-        m = m.masked_fill(~mask.bool(), float('-inf'))
-        return m if bias is None else bias + m
+        zero = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias
+        return torch.where(mask.bool(), zero, float('-inf'))
 
 
 class KArAt(nn.Module):
@@ -522,11 +511,13 @@ class KArAt(nn.Module):
         op = self.operator
         check_inputs(q, k, v, bias, mask, op.heads, op.seq_len)
         params = op.tensors()
-        if not torch.is_autocast_enabled(q.device.type) and q.dtype != op.dtype:
+        if not torch.is_autocast_enabled(q.device.type) and q.dtype != next(op.parameters()).dtype:
             cast = lambda t: t.to(q.dtype)
             params = {n: cast(t) if n == 'W' else {u: cast(p) for u, p in t.items()}
                       for n, t in params.items()}
-        return four_d(bias), as_mask(mask, q.dtype), params
+        if mask is not None:  # 0/1 in q's dtype: nonzero attends, as softmax reads it
+            mask = four_d(mask).bool().to(q.dtype)
+        return four_d(bias), mask, params
 
     def forward(self, q, k, v, bias=None, mask=None):
         bias, mask, params = self.inputs(q, k, v, bias, mask)
@@ -543,11 +534,9 @@ class KArAt(nn.Module):
 
 
 def attention_maker(attn='softmax', **options):
-    """make(heads, seq_len) -> attention module, for models to call once per block.
-
-    attn: a name ('softmax' or a basis) with the AttentionConfig fields as keywords, or an
-    AttentionConfig. Mode 'blockwise': every block gets its own operators ("GnB");
-    'universal': one set of operators per (heads, N) shared by all blocks ("GnU")."""
+    """make(heads, seq_len) -> attention module, for models to call once per block: its own
+    operator ('blockwise', "GnB") or the one shared per (heads, N) ('universal', "GnU").
+    attn: 'softmax' or a basis, with AttentionConfig's fields as keywords, or an AttentionConfig."""
     config, shared = attention_config(attn, **options), {}
 
     def make(heads, seq_len):
@@ -557,32 +546,3 @@ def attention_maker(attn='softmax', **options):
             shared[heads, seq_len] = Operator(config, heads, seq_len)
         return KArAt(shared[heads, seq_len])
     return make
-
-
-@contextmanager
-def capture_attention(model, what='activated'):
-    """Record every attention block's activated matrix (what='activated') or its logits
-    A = q k^T / sqrt(d) + bias (what='logits'), (b h i j): {module name: tensor}.
-
-    with capture_attention(model) as maps:
-        model(images)
-    """
-    if what not in ('activated', 'logits'):
-        raise ValueError(f"unknown capture {what!r}; allowed: activated, logits")
-
-    def hook(name):
-        def record(module, args, kwargs, out):
-            a = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-            q, k, bias, mask = a['q'], a['k'], a.get('bias'), a.get('mask')
-            S = logits(q, k, bias) if what == 'logits' else module.activate(q, k, bias, mask)
-            maps[name] = S.detach()
-        return record
-    maps = {}
-    handles = [m.register_forward_hook(hook(name), with_kwargs=True)
-               for name, m in model.named_modules(remove_duplicate=False)
-               if isinstance(m, (Softmax, KArAt))]
-    try:
-        yield maps
-    finally:
-        for h in handles:
-            h.remove()

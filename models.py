@@ -13,6 +13,7 @@ import inspect
 import math
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 
 import torch
@@ -449,6 +450,37 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
                         img_size=arch['img_size'], **given,
                         **{k: v for k, v in options.items() if k in arch_options})
     return model
+
+
+# Inspecting a model ----------------------------------------------------------------------
+
+@contextmanager
+def capture_attention(model, what='activated'):
+    """Record the activated matrix (what='activated') or the logits A = q k^T / sqrt(d) + bias
+    (what='logits') of every attention block of `model`, (b h i j): {module name: tensor}.
+
+    with capture_attention(model) as maps:
+        model(images)
+    """
+    if what not in ('activated', 'logits'):
+        raise ValueError(f"unknown capture {what!r}; allowed: activated, logits")
+
+    def hook(name):
+        def record(module, args, kwargs, out):
+            a = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+            q, k, bias, mask = a['q'], a['k'], a.get('bias'), a.get('mask')
+            S = karat.logits(q, k, bias) if what == 'logits' else module.activate(q, k, bias, mask)
+            maps[name] = S.detach()
+        return record
+    maps = {}
+    handles = [m.register_forward_hook(hook(name), with_kwargs=True)
+               for name, m in model.named_modules(remove_duplicate=False)
+               if isinstance(m, (karat.Softmax, karat.KArAt))]
+    try:
+        yield maps
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ViTDet ----------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_padding_tokens_of_a_window_get_exactly_zero_weight(attn):
     """An 8 x 8 map in windows of 3 is padded to 9 x 9: padded keys must not be attended."""
     torch.manual_seed(0)
     attention = models.ViTDetAttention(96, 3, 8, 3, karat.attention_maker(attn))
-    with karat.capture_attention(attention) as maps, torch.no_grad():
+    with models.capture_attention(attention) as maps, torch.no_grad():
         attention(torch.randn(2, 8, 8, 96))
     weights = rearrange(maps['attend'], '(b n) h i j -> b n h i j', b=2)  # n = 9 windows of N = 9
     padded = rearrange(~models.padding_mask(8, 3), 'n 1 j -> 1 n 1 1 j').expand_as(weights)

@@ -380,7 +380,7 @@ def test_capture_attention_records_the_matrix_each_block_applies():
     seen = {}
     hooks = [b.attn.attend.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[2], out)))
              for i, b in enumerate(model.blocks)]
-    with karat.capture_attention(model) as maps:
+    with models.capture_attention(model) as maps:
         model(torch.randn(2, 3, 32, 32))
     assert list(maps) == ['blocks.0.attn.attend', 'blocks.1.attn.attend']
     for i, (v, out) in seen.items():

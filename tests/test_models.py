@@ -152,7 +152,7 @@ def test_swin_shifted_windows_give_masked_keys_exactly_zero_weight(attn):
     assert (shifted.window, shifted.shift) == (4, 2)
     allowed = torchvision_shift_mask(8, 4, 2).repeat(2, 1, 1)  # 4 windows of 16 tokens, 2 images
     assert not allowed.all()
-    with karat.capture_attention(model) as maps:
+    with models.capture_attention(model) as maps:
         model(images())
     weights = rearrange(maps['stages.0.1.attn.attend'], 'bw h i j -> h bw i j')
     assert (weights[:, ~allowed] == 0).all()
@@ -298,6 +298,6 @@ def test_config_rebuilds_the_same_model(name):
 def test_every_attention_block_has_a_hookable_attend_module():
     for name in ('vit_tiny', 'convit_tiny', 'swin_t'):
         model = small(name, 'fourier')
-        with karat.capture_attention(model) as maps:
+        with models.capture_attention(model) as maps:
             model(images())
         assert sorted(maps) == sorted(f'{n}.attn.attend' for n, m in model.named_modules() if isinstance(m, models.Block))
