@@ -86,9 +86,9 @@ def parse_args(argv=None):
     if args.call and len(args.call) != 4:
         p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
     detector = args.model.startswith('vitdet')
-    if detector and (args.dataset or args.call or args.ops):
-        p.error(f"--model {args.model} times a detector's train step on synthetic shapes: "
-                "no --dataset, --call or --ops with it")
+    if detector and (args.dataset or args.call or args.ops or args.compile):
+        p.error(f"--model {args.model} times a detector's train step on synthetic shapes, "
+                "eager: no --dataset, --call, --ops or --compile with it")
     args.dataset = args.dataset or ('shapes' if detector else 'digits')
     cuda = args.device.startswith('cuda')
     compared = [*COMPARED[:2], 'triton', COMPARED[2]] if cuda else list(COMPARED)
@@ -128,11 +128,12 @@ def reset_peak_memory(cuda, device):
 
 # Timing ---------------------------------------------------------------------------------------
 
-def train_step(model, optimizer, images, labels, args, cuda):
-    """One train step on a fixed batch, as a closure for the benchmark to call."""
+def train_step(optimizer, loss_of_batch, args, cuda):
+    """One train step on a fixed batch, loss_of_batch() under autocast, as a closure for the
+    benchmark to call."""
     def step():
         with autocast(args):
-            loss = F.cross_entropy(model(images).float(), labels)
+            loss = loss_of_batch()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -149,8 +150,9 @@ def model_step(args, path, device, cuda):
     labels = torch.randint(0, classes, (args.batch_size,), device=device)
     torch.manual_seed(args.seed)
     model = build_model(model_config(flags, classes)).to(device)
-    step = train_step(torch.compile(model) if args.compile else model, optimizer_for(model, args),
-                      images, labels, args, cuda)
+    forward = torch.compile(model) if args.compile else model
+    step = train_step(optimizer_for(model, args),
+                      lambda: F.cross_entropy(forward(images).float(), labels), args, cuda)
     return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient,
                       batch=args.batch_size, img_size=args.img_size,
                       patch_size=model.config.get('patch_size'))
@@ -161,21 +163,14 @@ def detector_step(args, path, device, cuda):
     loss Mask R-CNN's five summed."""
     flags = argparse.Namespace(**vars(args) | PATHS[path])
     shapes = detection.Shapes(args.batch_size, args.img_size)
-    images, targets = detection.collate_detection([shapes[i] for i in range(args.batch_size)])
-    batch = [im.to(device) for im in images], [{k: v.to(device) if torch.is_tensor(v) else v
-                                                 for k, v in t.items()} for t in targets]
+    batch = detection.collate_detection([shapes[i] for i in range(args.batch_size)])
     torch.manual_seed(args.seed)
-    model = build_model(model_config(flags, DATASETS['shapes'].classes)).to(device).train()
-    optimizer = optimizer_for(model, args)
-
-    def step():
-        with autocast(args):
-            loss = sum(model(*batch).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if cuda:
-            torch.cuda.synchronize()
+    model = build_model(model_config(flags, DATASETS['shapes'].classes)).to(device)
+    on_device = ([im.to(device) for im in batch[0]],  # moved once, not in every step
+                 [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                  for t in batch[1]])
+    step = train_step(optimizer_for(model, args),
+                      lambda: detection.detection_loss(model, on_device, device)[0], args, cuda)
     return step, dict(model=args.model, attn=flags.attn, naive=not flags.efficient,
                       batch=args.batch_size, img_size=args.img_size)
 

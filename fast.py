@@ -70,7 +70,7 @@ class RecomputedExpansion(torch.autograd.Function):
         scale, basis, G, base = ctx.static
         with torch.autocast(**ctx.autocast):
             S = logits(q, k, bias, scale)
-            grad = lambda m: dY @ X[:, :, m].mT if mask is None else (dY @ X[:, :, m].mT) * mask
+            grad = lambda m: dY @ X[:, :, m].mT  # M ⊙ comes once, on dS
             if basis.vjp is not None and base == 'zero':
                 maps, dS = basis.vjp(S, G, grad)
             else:
@@ -80,6 +80,7 @@ class RecomputedExpansion(torch.autograd.Function):
                 outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps)
                                  if B.requires_grad])  # not T_0 = 1
                 dS = torch.autograd.grad(outs, S, gs)[0]
+            dS = dS if mask is None else dS * mask
             dX = torch.stack([dY.mT @ (B if mask is None else B * mask).detach() for B in maps],
                              2).mT  # dX_m^T = dY^T F_m: faster than F_m^T dY on a CPU
             dq, dk = dS @ k * scale, dS.mT @ q * scale

@@ -115,7 +115,7 @@ class Data:
     sizes: dict = field(default_factory=dict)
     download: bool = False     # torchvision fetches it with --download
     detection: bool = False
-    for_model: Callable = None  # args -> the recipe's entries for args.model
+    for_model: Callable = None  # (args, recipe) -> the recipe's entries for args.model
 
 
 def widest(args):
@@ -135,19 +135,22 @@ def scaled_lr(lr, width, args):
     return lr * (width / widest(args))
 
 
-def digits_for(args):
+def digits_for(args, recipe):
     """Swin halves its map of patches three times: 8x8 digits at patch 2 end in 1x1 maps,
     whose windows of one token leave KArAt φ(q.k) v, a gate on a logit that nothing bounds
     (softmax there is v itself, nothing to learn). At 64 px with Swin's own patch 4 the maps
     of 16, 8, 4, 2 tokens hold windows of 4, 4, 4, 2 (N = 16, 16, 16, 4)."""
     sizes = dict(img_size=64, patch_size=4) if args.model.startswith('swin') else {}
-    return dict(sizes, lr=scaled_lr(5e-4, 192, args))
+    return dict(sizes, lr=scaled_lr(recipe['lr'], 192, args))  # tuned on ViT-Tiny
 
 
-def shapes_for(args):
-    """ViT-B's windows of 14 would exceed the 8x8 tokens of 128 px: windows of 4 as in
-    vitdet_tiny (N = 16), whose lr (96 wide) is the recipe's."""
-    return dict(window_size=4, lr=scaled_lr(1e-3, 96, args)) if args.model == 'vitdet_base' else {}
+def shapes_for(args, recipe):
+    """A model's windows larger than its token grid (ViT-B's 14 on the 8x8 tokens of 128 px)
+    become vitdet_tiny's 4 (N = 16); the lr, tuned on vitdet_tiny (96 wide), scales with the
+    width."""
+    grid = (args.img_size or 128) // (args.patch_size or 16)
+    too_wide = grid < models.MODELS[args.model][1]['window_size']
+    return dict(dict(window_size=4) if too_wide else {}, lr=scaled_lr(recipe['lr'], 96, args))
 
 
 DATASETS = {
@@ -235,8 +238,8 @@ def rank_value(text):
 
 # The KArAt flags are karat.AttentionConfig's fields, parsed here and checked there, once.
 ATTENTION_FIELDS = [f.name for f in fields(karat.AttentionConfig)]
-HOW = ('kernel', 'chunk_elements')  # how the operators compute, not what: this run's choice even
-# on --resume
+# how the operators compute, not what: this run's choice, even on --resume
+HOW = ('kernel', 'chunk_elements')
 PARSE = {'grid': int, 'rank': rank_value, 'chunk_elements': int}
 
 
@@ -258,7 +261,7 @@ def attention_arguments(g):
 
 def attention_options(args):
     """The KArAt keywords of create_model from the flags."""
-    return {k: getattr(args, k) for k in ATTENTION_FIELDS if k != 'attn'}
+    return {k: getattr(args, k) for k in models.ATTENTION_OPTIONS}
 
 
 def model_arguments(p):
@@ -282,7 +285,8 @@ def apply_recipe(args):
     """Fill every flag not given from the dataset's recipe, with its entries for the model;
     lr from base-lr unless given."""
     data = DATASETS[args.dataset]
-    for key, value in {**data.recipe, **(data.for_model(args) if data.for_model else {})}.items():
+    for_model = data.for_model(args, data.recipe) if data.for_model else {}
+    for key, value in {**data.recipe, **for_model}.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.lr is None:  # the paper's linear scaling with the total batch over all processes
@@ -865,6 +869,10 @@ def check_model_flags(args, ckpt, classes):
     """Before any data is read: a new model must be buildable; a resumed one is the checkpoint's,
     so a model flag given with another value than the checkpoint's is refused."""
     if not ckpt:
+        try:  # KArAt's flags are checked for softmax too, which does not use them
+            karat.AttentionConfig(**attention_options(args))
+        except ValueError as e:
+            raise Fatal(f"cannot build the model: {e}", code=2) from None
         with torch.device('meta'):  # the structure only: no memory, no init
             build_model(model_config(args, classes or 2))
         return

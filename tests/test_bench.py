@@ -34,22 +34,22 @@ def test_benchmark_compare_shows_the_naive_formula_keeping_the_feature_tensor():
 
 
 def test_a_detector_step_is_timed_on_synthetic_shapes_by_every_path():
-    """ViTDet + Mask R-CNN, its five losses summed, softmax and both KArAt paths in one process;
-    the fast path's peak within the classifier's bound of softmax's."""
+    """ViTDet + Mask R-CNN, its five losses summed, softmax and both KArAt paths in one process.
+    At this size (N = 16) attention is a sliver of Mask R-CNN's memory: no bound on the peak."""
     done = python('bench.py', '--compare', '--model', 'vitdet_tiny', '--img-size', '64',
                   '--batch-size', '2', '--bench-steps', '1', '--device', 'cpu')
     assert done.returncode == 0, done.stderr
     softmax, ours, naive = (json.loads(line) for line in done.stdout.splitlines())
     assert [(r['model'], r['path'], r['img_size']) for r in (softmax, ours, naive)] == \
         [('vitdet_tiny', p, 64) for p in ('softmax', 'torch', 'naive')]
-    assert all(r['step_ms'] > 0 for r in (softmax, ours, naive))
-    assert ours['peak_mem_mb'] < 1.3 * softmax['peak_mem_mb']
+    assert all(r['step_ms'] > 0 and r['peak_mem_mb'] > 0 for r in (softmax, ours, naive))
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--compare', '--attn', 'softmax'], '--compare'),
     (['--paths', 'torch,fast'], "'fast'"),
-    (['--model', 'vitdet_tiny', '--dataset', 'fake'], 'on synthetic shapes: no --dataset'),
+    (['--model', 'vitdet_tiny', '--dataset', 'fake'], 'no --dataset, --call, --ops or --compile'),
+    (['--model', 'vitdet_tiny', '--compile'], 'no --dataset, --call, --ops or --compile'),
 ])
 def test_bad_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
