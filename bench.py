@@ -132,9 +132,9 @@ def train_step(optimizer, loss_of_batch, args, cuda):
     """One train step on a fixed batch, loss_of_batch() under autocast, as a closure for the
     benchmark to call."""
     def step():
+        optimizer.zero_grad(set_to_none=True)  # before the forward: none held at its peak
         with autocast(args):
             loss = loss_of_batch()
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if cuda:

@@ -39,10 +39,10 @@ def values(params):
 
 
 def chunk_elements(device):
-    """Default size of a chunk's feature tensor, in elements: 16 MB of float32 on a CPU, where
-    chunks bound the transient of backward (at ViT-Tiny's N = 197 and batch 8, 2^22 steps 10%
-    faster than 2^21 at the same peak, 2^23 raises it); 1 GB on a GPU, which wants few large
-    launches."""
+    """Default number of values a chunk holds at once: 16 MB of float32 on a CPU, where chunks
+    bound the transient of backward, which sets the peak of a ViT's train step (at ViT-Tiny's
+    N = 197 and batch 8: three chunks of 66 rows, 2% lower than two of 99 at the same step
+    time); 1 GB on a GPU, which wants few large launches."""
     return 2 ** 22 if device.type == 'cpu' else 2 ** 28
 
 
@@ -53,39 +53,53 @@ def autocast_state(device):
 
 
 class RecomputedExpansion(torch.autograd.Function):
-    """Y = Σ_m (M ⊙ B_m(S)) X_m keeping only q, k and the bias; backward recomputes S and the
-    maps: dX_m = F_m^T dY, dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k,
-    dk = scale dS^T q."""
+    """Y = Σ_m (M ⊙ B_m(S)) X_m one chunk of query rows at a time, keeping only q, k and the
+    bias; backward recomputes each chunk's S and maps: dX_m = F_m^T dY,
+    dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k, dk = scale dS^T q. One function owns
+    the loop, so k is made contiguous once for every chunk's q k^T, not once per matmul."""
 
     @staticmethod
-    def forward(ctx, q, k, bias, mask, X, scale, basis, G, base):
+    def forward(ctx, q, k, bias, mask, X, scale, basis, G, base, rows):
         ctx.save_for_backward(q, k, bias, mask, X)
-        ctx.static, ctx.autocast = (scale, basis, G, base), autocast_state(q.device.type)
-        maps = expansion_maps(logits(q, k, bias, scale), basis, G, base)
-        return contract(maps, X.unbind(2), mask)
+        ctx.static, ctx.autocast = (scale, basis, G, base, rows), autocast_state(q.device.type)
+        k, X = k.contiguous(), X.unbind(2)
+        return torch.cat([contract(expansion_maps(logits(q[:, :, r], k, cut(bias, r), scale),
+                                                  basis, G, base), X, cut(mask, r))
+                          for r in rows], 2)
 
     @staticmethod
     def backward(ctx, dY):
         q, k, bias, mask, X = ctx.saved_tensors
-        scale, basis, G, base = ctx.static
+        scale, basis, G, base, rows = ctx.static
+        dq, dk, dX = torch.empty_like(q), 0, 0
+        dbias = None if bias is None else torch.zeros_like(bias)
         with torch.autocast(**ctx.autocast):
-            S = logits(q, k, bias, scale)
-            grad = lambda m: dY @ X[:, :, m].mT  # M ⊙ comes once, on dS
-            if basis.vjp is not None and base == 'zero':
-                maps, dS = basis.vjp(S, G, grad)
-            else:
-                with torch.enable_grad():
-                    S = S.detach().requires_grad_()
-                    maps = expansion_maps(S, basis, G, base)
-                outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps)
-                                 if B.requires_grad])  # not T_0 = 1
-                dS = torch.autograd.grad(outs, S, gs)[0]
-            dS = dS if mask is None else dS * mask
-            dX = torch.stack([dY.mT @ (B if mask is None else B * mask).detach() for B in maps],
-                             2).mT  # dX_m^T = dY^T F_m: faster than F_m^T dY on a CPU
-            dq, dk = dS @ k * scale, dS.mT @ q * scale
-        dbias = None if bias is None else dS.sum_to_size(bias.shape)
-        return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 4
+            k = k.contiguous()
+            for r in rows:
+                S = logits(q[:, :, r], k, cut(bias, r), scale)
+                dSr, dXr = expansion_grads(S, dY[:, :, r], X, cut(mask, r), basis, G, base)
+                dq[:, :, r] = dSr @ k * scale
+                dk, dX = dk + dSr.mT @ q[:, :, r] * scale, dX + dXr
+                if bias is not None:
+                    cut(dbias, r).add_(dSr.sum_to_size(cut(bias, r).shape))
+        return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 5
+
+
+def expansion_grads(S, dY, X, mask, basis, G, base):
+    """dS and dX of one chunk of rows of Y = Σ_m (M ⊙ B_m(S)) X_m, from S and dY."""
+    grad = lambda m: dY @ X[:, :, m].mT  # M ⊙ comes once, on dS
+    if basis.vjp is not None and base == 'zero':
+        maps, dS = basis.vjp(S, G, grad)
+    else:
+        with torch.enable_grad():
+            S = S.detach().requires_grad_()
+            maps = expansion_maps(S, basis, G, base)
+        outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps) if B.requires_grad])  # not T_0
+        dS = torch.autograd.grad(outs, S, gs)[0]
+    dS = dS if mask is None else dS * mask
+    dX = torch.stack([dY.mT @ (B if mask is None else B * mask).detach() for B in maps],
+                     2).mT  # dX_m^T = dY^T F_m: faster than F_m^T dY on a CPU
+    return dS, dX
 
 
 class Reassociated(torch.autograd.Function):
@@ -108,15 +122,25 @@ class Reassociated(torch.autograd.Function):
             return dO @ WtV.mT, (V @ dWtV.mT).sum(0), W @ dWtV
 
 
+def row_chunks(n, elements, per_row):
+    """Slices cutting n query rows into equal chunks of at most `elements` // `per_row` rows."""
+    count = -(-n // max(1, elements // per_row))
+    step = -(-n // count)
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
+def cut(t, rows):
+    """The rows of a bias or mask (b|1, h|1, i|1, j): itself if it has none, or is None."""
+    return t if t is None or t.shape[2] == 1 else t[:, :, rows]
+
+
 def over_rows(fn, q, bias, mask, elements, per_row):
     """fn(q, bias, mask) on chunks of query rows, each at most `elements` // `per_row` rows,
-    concatenated; bias and mask (b|1, h|1, i|1, j) are cut with q where they have rows."""
-    step = max(1, elements // per_row)
-    if step >= q.shape[2]:
+    concatenated; bias and mask are cut with q where they have rows."""
+    rows = row_chunks(q.shape[2], elements, per_row)
+    if len(rows) == 1:
         return fn(q, bias, mask)
-    rows = lambda t, i: t if t is None or t.shape[2] == 1 else t[:, :, i:i + step]
-    return torch.cat([fn(rows(q, i), rows(bias, i), rows(mask, i))
-                      for i in range(0, q.shape[2], step)], dim=2)
+    return torch.cat([fn(q[:, :, r], cut(bias, r), cut(mask, r)) for r in rows], dim=2)
 
 
 def recomputed(fn):
@@ -125,11 +149,11 @@ def recomputed(fn):
 
 
 def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
-    """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e)."""
-    layer = lambda q, bias, mask: RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis,
-                                                            G, base)
-    per_row = q.shape[0] * q.shape[1] * k.shape[2] * X.shape[2]
-    return over_rows(layer, q, bias, mask, elements, per_row)
+    """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e). A chunk's backward
+    holds its m maps, S, dS and one dY X_m^T: m + 3 values per logit, at most `elements`."""
+    per_row = q.shape[0] * q.shape[1] * k.shape[2] * (X.shape[2] + 3)
+    rows = row_chunks(q.shape[2], elements, per_row)
+    return RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base, rows)
 
 
 def rows_units(q, k, bias, mask, params, basis, G, base, scale, elements):

@@ -12,6 +12,7 @@ The softmax models have exactly the parameters of timm's DeiT/ConViT and torchvi
 import inspect
 import math
 import re
+import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, fields
@@ -444,6 +445,12 @@ def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **opt
     arch = {'num_classes': 1000, 'img_size': 224, **defaults, **sizes,
             **{k: v for k, v in options.items() if k in arch_options}}
     model = cls(karat.attention_maker(attention), **arch)
+    if attention.attn != 'softmax' and 1 in getattr(model, 'windows', ()):
+        warnings.warn(f"{name} at {arch['img_size']} px, patch {model.patch_embed.stride[0]}: "
+                      f"windows {'/'.join(map(str, model.windows))} per stage. A window of one "
+                      "token leaves KArAt φ(q·k) v, a gate on a logit nothing bounds (softmax "
+                      "there is v itself); choose a size whose every stage has windows of 2 or "
+                      "more (swin_t at 64 px, patch 4: 4/4/4/2)", stacklevel=2)
     if isinstance(attn, karat.AttentionConfig):  # a config records every field, as keywords
         attn, given = attention.attn, {k: v for k, v in asdict(attention).items() if k != 'attn'}
     model.config = dict(name=name, attn=attn, num_classes=arch['num_classes'],

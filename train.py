@@ -279,6 +279,9 @@ def model_arguments(p):
 
 
 MODEL_FLAGS = ('model', *(k for k in ATTENTION_FIELDS if k not in HOW), 'img_size', *ARCH_FLAGS)
+# what --resume never takes from the run it continues: this invocation's own choices
+INVOCATION = ('resume', 'finetune', 'keep_head', 'eval_only', 'output_dir', 'overwrite',
+              'download', 'device', 'workers', 'compile', 'given', *HOW)
 
 
 def apply_recipe(args):
@@ -335,7 +338,8 @@ def parse_args(argv=None):
                         'or the --resume checkpoint\'s folder')
     g.add_argument('--overwrite', action='store_true',
                    help='replace the run already in --output-dir')
-    g.add_argument('--resume', metavar='PATH', help='continue exactly from a checkpoint')
+    g.add_argument('--resume', metavar='PATH',
+                   help="continue exactly from a checkpoint, with its run's flags but those given")
     g.add_argument('--finetune', metavar='PATH',
                    help="start from a train.py, timm or torchvision checkpoint's weights, new head")
     g.add_argument('--keep-head', action='store_true',
@@ -346,6 +350,10 @@ def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args.given = {a.dest: a.option_strings[0] for a in p._actions
                   if any(w.split('=')[0] in a.option_strings for w in argv)}  # dest -> its flag
+    if args.resume:  # the run's own flags (recipe, data, seed), but for those given now
+        for key, value in run_arguments(args.resume).items():
+            if key not in args.given and key not in INVOCATION and hasattr(args, key):
+                setattr(args, key, value)
     if args.dataset is None:  # the offline data of the model's task
         args.dataset = 'shapes' if args.model.startswith('vitdet') else 'digits'
     data = DATASETS[args.dataset]
@@ -520,6 +528,12 @@ def load_checkpoint(path):
             and isinstance(ckpt.get('config'), dict)):
         raise Fatal(f"{path} is not a train.py checkpoint (no model weights and config)")
     return ckpt
+
+
+def run_arguments(path):
+    """The flags of the run that wrote checkpoint `path`, as it stored them ({} if none)."""
+    saved = load_checkpoint(path).get('args')
+    return saved if isinstance(saved, dict) else {}
 
 
 def describe(config):
@@ -751,9 +765,9 @@ def train_one_epoch(run, loader, epoch):
         lr = learning_rate(run.step, args, len(loader))
         for group in run.optimizer.param_groups:
             group['lr'] = lr
+        run.optimizer.zero_grad(set_to_none=True)  # before the forward: none held at its peak
         with autocast(args):
             loss, terms = run.task.loss(run.ddp, batch)
-        run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # the norm is taken over all-reduced gradients, so every rank stops at the same step
         norm = torch.nn.utils.clip_grad_norm_(run.raw.parameters(), args.clip_grad or math.inf)
@@ -906,9 +920,11 @@ def train(args):
     out = output_dir(args)
     if rank == 0 and not args.eval_only:
         claim(out, args)
-        if 'dataset' not in args.given:
-            print(f"no --dataset given: {chosen(args, ckpt and ckpt['config'])} (--dataset chooses "
-                  "another; --help lists them)", flush=True)
+        if ckpt:
+            print(f"resuming {args.resume}: {chosen(args, ckpt['config'])}", flush=True)
+        elif 'dataset' not in args.given:
+            print(f"no --dataset given: {chosen(args)} (--dataset chooses another; --help lists "
+                  "them)", flush=True)
     img_size = ckpt['config']['img_size'] if ckpt else args.img_size
     make_task = detection_task if DATASETS[args.dataset].detection else classification_task
     if rank == 0:  # rank 0 downloads while the others wait, then they read what it fetched

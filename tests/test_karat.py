@@ -34,7 +34,7 @@ def qkv(b=2, h=2, n=7, d=4, seed=1):
 
 # --- basis families against their formulas ---------------------------------------------
 
-def test_fourier_angle_addition_equals_cos_sin():
+def test_fourier_recurrence_equals_cos_and_sin_of_every_multiple():
     m = torch.arange(1, 6)
     expected = torch.cat([torch.cos(m * x[:, None]), torch.sin(m * x[:, None])], -1)
     torch.testing.assert_close(torch.stack(karat.fourier(x, 5), -1), expected)
@@ -312,7 +312,8 @@ def test_rank_is_capped_at_n_wherever_the_operator_is_built():
     op = karat.attention_maker('fourier')(heads=3, seq_len=10).operator  # default r = 12
     assert op.rank == 10 and op.W.shape == (3, 10, 10)
     assert karat.Operator('fourier', 3, 10, rank=4).rank == 4
-    swin = models.create_model('swin_t', attn='fourier', img_size=32, num_classes=10)
+    with pytest.warns(UserWarning, match='windows 4/4/2/1 per stage. A window of one token'):
+        swin = models.create_model('swin_t', attn='fourier', img_size=32, num_classes=10)
     last = swin.stages[-1][-1].attn.attend.operator  # a 1 x 1 window at 32 px
     assert (last.seq_len, last.rank) == (1, 1)
 

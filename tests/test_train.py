@@ -343,6 +343,23 @@ def test_resume_refuses_a_model_flag_that_differs_from_the_checkpoint(tmp_path):
     assert fingerprint(tmp_path) == before
 
 
+
+def test_resume_alone_continues_the_run_with_its_own_recipe_and_data(tmp_path, capsys):
+    # flags alone, the resumed run would train vit_tiny's digits recipe (lr 5e-4 on digits)
+    first = ['--model', 'vit_tiny', '--embed-dim', '96', '--depth', '1', '--dataset', 'fake',
+             '--img-size', '8', '--patch-size', '2', '--limit', '64', '--epochs', '1', '--seed', '3',
+             '--device', 'cpu', '--output-dir', str(tmp_path)]
+    train.main(first)
+    ran = json.loads((tmp_path / 'args.json').read_text())
+    assert ran['lr'] != pytest.approx(5e-4) and ran['dataset'] == 'fake'
+    capsys.readouterr()
+    train.main(['--resume', str(tmp_path / 'last.pt'), '--epochs', '2', '--device', 'cpu'])
+    assert capsys.readouterr().out.startswith(f"resuming {tmp_path / 'last.pt'}: fake, 8x8 px")
+    resumed = json.loads((tmp_path / 'args.json').read_text())
+    assert {k: resumed[k] for k in ('lr', 'dataset', 'seed', 'limit', 'batch_size')} == \
+        {k: ran[k] for k in ('lr', 'dataset', 'seed', 'limit', 'batch_size')}
+    assert resumed['epochs'] == 2 and [row['epoch'] for row in log(tmp_path)] == [1, 2]
+
 INTERRUPT_AFTER_SAVE = DIE_AFTER_SAVE.replace("os.kill(os.getpid(), signal.SIGKILL)", "raise KeyboardInterrupt")
 
 
