@@ -44,7 +44,8 @@ def fourier(x, G):
     """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps from one cos x and one sin x, by
     cos((m+1)x) = cos((m-1)x) - 2 sin x sin(mx) and sin((m+1)x) = sin((m-1)x) + 2 sin x cos(mx)
     (from cos 0 = 1, sin 0 = 0): one fused multiply-add per map is cheaper than a sin or a cos."""
-    cos, sin = [torch.ones(()), torch.cos(x)], [torch.zeros(()), torch.sin(x)]
+    # cos 0, sin 0 on x's device and in its dtype, as addcmul's operands must be
+    cos, sin = [x.new_ones(()), torch.cos(x)], [x.new_zeros(()), torch.sin(x)]
     for m in range(1, G):
         cos.append(torch.addcmul(cos[m - 1], sin[1], sin[m], value=-2))
         sin.append(torch.addcmul(sin[m - 1], sin[1], cos[m], value=2))
