@@ -50,7 +50,7 @@ def outputs_and_grads(attend, q, k, v, bias, mask):
 
 
 def fast_and_naive(attn, kernel, N, masking, chunk=64, **options):
-    """The PyTorch path in chunks of `chunk` features (one row or a few), to test the chunking;
+    """The PyTorch path in chunks of `chunk` values (one row or a few), to test the chunking;
     the kernels take whole rows."""
     torch.manual_seed(0)
     op = karat.Operator(attn, 2, N, kernel=kernel, chunk_elements=chunk if kernel == 'torch'
