@@ -43,8 +43,8 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 def fourier(x, G):
     """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps from one cos x and one sin x, by
     cos((m+1)x) = cos((m-1)x) - 2 sin x sin(mx) and sin((m+1)x) = sin((m-1)x) + 2 sin x cos(mx)
-    (from cos 0 = 1, sin 0 = 0): one fused multiply-add per map is cheaper than a sin or a cos."""
-    # cos 0, sin 0 on x's device and in its dtype, as addcmul's operands must be
+    from cos 0 = 1, sin 0 = 0 (tensors on x's device, as addcmul needs): one fused multiply-add
+    per map is cheaper than a sin or a cos."""
     cos, sin = [x.new_ones(()), torch.cos(x)], [x.new_zeros(()), torch.sin(x)]
     for m in range(1, G):
         cos.append(torch.addcmul(cos[m - 1], sin[1], sin[m], value=-2))
@@ -60,8 +60,8 @@ def fourier_vjp(x, G, grad):
     cos, sin = maps[:G], maps[G:]
     dx = (cos[0] * grad(G)).addcmul_(sin[0], grad(0), value=-1)  # m = 1
     for m in range(2, G + 1):
-        dx.addcmul_(cos[m - 1], grad(G + m - 1), value=m).addcmul_(sin[m - 1], grad(m - 1),
-                                                                   value=-m)
+        dx.addcmul_(cos[m - 1], grad(G + m - 1), value=m)
+        dx.addcmul_(sin[m - 1], grad(m - 1), value=-m)
     return maps, dx
 
 
