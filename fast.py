@@ -26,7 +26,7 @@ def linear(x, G):
     return [x]
 
 
-LINEAR = Basis('linear', linear, size=lambda G: 1, gain=lambda G: 1.0,
+LINEAR = Basis('linear', maps=linear, size=lambda G: 1, gain=lambda G: 1.0,
                vjp=lambda x, G, grad: ([x], grad(0)))
 
 

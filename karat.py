@@ -192,12 +192,13 @@ def wavelet(name, psi):
 
 
 BASES = {
-    'fourier': Basis('fourier', fourier, size=lambda G: 2 * G, gain=lambda G: G ** -0.5,
+    'fourier': Basis('fourier', maps=fourier, size=lambda G: 2 * G, gain=lambda G: G ** -0.5,
                      vjp=fourier_vjp),                     # Σ_m cos² + sin² = G
-    'bspline': Basis('bspline', bspline, size=lambda G: G + 3, gain=lambda G: 1.0),  # Σ_m B_m = 1
-    'chebyshev': Basis('chebyshev', chebyshev, size=lambda G: G + 1,
+    'bspline': Basis('bspline', maps=bspline, size=lambda G: G + 3,
+                     gain=lambda G: 1.0),                  # Σ_m B_m = 1
+    'chebyshev': Basis('chebyshev', maps=chebyshev, size=lambda G: G + 1,
                        gain=lambda G: (G + 1) ** -0.5),
-    'gaussian': Basis('gaussian', gaussian, size=lambda G: G, gain=lambda G: 1.0),
+    'gaussian': Basis('gaussian', maps=gaussian, size=lambda G: G, gain=lambda G: 1.0),
     'rational': Basis('rational', unit=lambda x, p: rational(x, p['a'], p['b']),
                       init=rational_init),
     **{psi.__name__: wavelet(psi.__name__, psi)
@@ -211,18 +212,14 @@ KERNELS = ('auto', 'torch', 'triton')
 
 
 def init_kan(basis, heads, n_out, n_in, G, base, std):
-    """Parameters of `heads` Kolmogorov-Arnold layers R^n_in -> R^n_out, each unit's output
-    having standard deviation `std` on logits of order one.
-
-    The paper draws Fourier coefficients from N(0, 1) unscaled: a sum over N = 197 keys of
-    2G such terms has standard deviation ~sqrt(2GN) ≈ 34 and an untrained ViT diverges. We
-    scale like a variance-preserving layer (FourierKAN's 1/sqrt(n_in G)): the caller picks
-    std = 1/sqrt(n_in) so that Σ_q φ_pq(a_q) has unit variance."""
+    """Parameters of `heads` Kolmogorov-Arnold layers R^n_in -> R^n_out, each unit's output of
+    standard deviation `std` on logits of order one. The paper draws Fourier coefficients from
+    N(0, 1): over N = 197 keys, 2G such terms sum to a std of ~sqrt(2GN) ≈ 34 and an untrained
+    ViT diverges. We scale like FourierKAN (1/sqrt(n_in G)); std = 1/sqrt(n_in) gives
+    Σ_q φ_pq(a_q) unit variance."""
     shape = (heads, n_out, n_in)
-    if basis.expansion:
-        p = {'coef': torch.randn(*shape, basis.size(G)) * std * basis.gain(G)}
-    else:
-        p = basis.init(shape, std)
+    p = ({'coef': torch.randn(*shape, basis.size(G)) * std * basis.gain(G)} if basis.expansion
+         else basis.init(shape, std))
     if BASE_ACTIVATIONS[base] is not None:
         p['w_base'] = torch.randn(shape) * std
     return p
@@ -255,17 +252,14 @@ def kan(x, basis, params, G, base='zero', mask=None):
     if basis.expansion:
         coefs = [C.mT for C in expansion_coefs(params)]
         return contract(expansion_maps(x, basis, G, base), coefs, mask)
-    units = {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()
-             if k != 'w_base'}
-    phi = basis.unit(rearrange(x, 'b h i q -> b h i 1 q'), units)
+    units = {k: rearrange(v, 'h p q ... -> h 1 p q ...') for k, v in params.items()}
+    x = rearrange(x, 'b h i q -> b h i 1 q')
+    phi = basis.unit(x, units)
+    if 'w_base' in units:
+        phi = phi + units['w_base'] * BASE_ACTIVATIONS[base](x)
     if mask is not None:
         phi = phi * rearrange(mask, '... i q -> ... i 1 q')
-    out = phi.sum(-1)
-    if 'w_base' in params:
-        b = BASE_ACTIVATIONS[base](x)
-        b = b if mask is None else b * mask
-        out = out + einsum(b, params['w_base'], 'b h i q, h p q -> b h i p')
-    return out
+    return phi.sum(-1)
 
 
 # §3  Attention operators ----------------------------------------------------------------
@@ -335,13 +329,10 @@ def choice(default, what, allowed, help):
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """What a model's attention is and how it is computed, checked once, when made.
-
-    Every field but attn is KArAt's. The rank is capped at each operator's N, r = min(r, N):
-    σ̂ = W Φ̂ has rank <= N whatever r, so a larger r adds parameters but no expressiveness
-    (and Swin's last windows hold fewer than 12 tokens at small inputs). The fast paths are in
-    fast.py; efficient=False is the naive materialised formula (for tests and benchmarks).
-    """
+    """What a model's attention is and how it is computed, checked once, when made. Every field
+    but attn is KArAt's; efficient=False is the naive materialised formula (tests, benchmarks).
+    The rank is capped at each operator's N, r = min(r, N): σ̂ = W Φ̂ has rank <= N whatever r,
+    and Swin's last windows hold fewer than 12 tokens at small inputs."""
     attn: str = choice('softmax', 'attention', ATTENTIONS, "'softmax' or a KArAt basis")
     mode: str = choice('blockwise', 'mode', MODES, "blockwise: operators per block (GnB); "
                        "universal: one set per (heads, N) shared by all blocks (GnU)")
@@ -431,10 +422,12 @@ class Operator(nn.Module):
                 units = init_kan(self.basis, heads, *shape, config.grid, config.base, std)
                 setattr(self, name, nn.ParameterDict(units))
 
-    def tensors(self):
-        """The parameters as karat_attention takes them: {'phi': {name: tensor}, 'W': tensor}."""
-        return {name: getattr(self, name) if name == 'W' else dict(getattr(self, name))
-                for name in self.layout}
+    def tensors(self, dtype=None):
+        """The parameters as karat_attention takes them, {'phi': {name: tensor}, 'W': tensor},
+        in `dtype` if given."""
+        cast = lambda t: t if dtype is None else t.to(dtype)
+        return {n: cast(self.W) if n == 'W' else {u: cast(p) for u, p in getattr(self, n).items()}
+                for n in self.layout}
 
     def key_axes(self, name):
         """The axes of parameter `name` ('phi.coef', 'W', ...) indexed by key position."""
@@ -453,18 +446,14 @@ def check_inputs(q, k, v, bias=None, mask=None, heads=None, seq_len=None):
     """A ValueError naming what does not fit: q (b h i d), k (b h j d), v (b h j e), bias and
     mask broadcastable to (b h i j), and an operator's heads and N when given."""
     shapes = lambda: ', '.join(str(tuple(t.shape)) for t in (q, k, v))  # for a message only
-    if not (q.dim() == k.dim() == v.dim() == 4):
-        raise ValueError(f"q, k, v must be (batch, heads, tokens, dim), got shapes {shapes()}")
-    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q, k, v disagree: shapes {shapes()}; "
-                         "allowed: q (b h i d), k (b h j d), v (b h j e)")
-    if heads is not None and q.shape[1] != heads:
-        raise ValueError(f"this KArAt operator has {heads} heads, got q, k, v with "
-                         f"{q.shape[1]}: shapes {shapes()}")
-    if seq_len is not None and k.shape[2] != seq_len:
-        raise ValueError(f"this KArAt operator was built for N = {seq_len} keys, got "
-                         f"{k.shape[2]}; a KArAt model accepts only the sequence length (image "
-                         "size) it was built for")
+    if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2]
+            and k.shape[:3] == v.shape[:3] and q.shape[-1] == k.shape[-1]):
+        raise ValueError(f"q, k, v must be (batch, heads, tokens, dim) and agree, got shapes "
+                         f"{shapes()}; allowed: q (b h i d), k (b h j d), v (b h j e)")
+    if heads is not None and (q.shape[1], k.shape[2]) != (heads, seq_len):
+        raise ValueError(f"this KArAt operator has {heads} heads and N = {seq_len} keys, got "
+                         f"shapes {shapes()}; a KArAt model accepts only the heads and sequence "
+                         "length (image size) it was built for")
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     for name, t in (('bias', bias), ('mask', mask)):
         if t is not None and (t.dim() > 4 or any(
@@ -483,19 +472,14 @@ class Softmax(nn.Module):
 
     def forward(self, q, k, v, bias=None, mask=None):
         check_inputs(q, k, v, bias, mask)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.additive(bias, mask, q))
+        if mask is not None:  # SDPA's boolean masks cannot carry a bias: one additive mask
+            bias = torch.where(mask.bool(), q.new_zeros(()) if bias is None else bias, -math.inf)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     def activate(self, q, k, bias=None, mask=None):
         """The N x N attention matrix (b h i j)."""
         A = logits(q, k, bias)
-        return (A if mask is None else A.masked_fill(~mask.bool(), float('-inf'))).softmax(-1)
-
-    @staticmethod
-    def additive(bias, mask, q):
-        if mask is None:
-            return bias
-        zero = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias
-        return torch.where(mask.bool(), zero, float('-inf'))
+        return (A if mask is None else A.masked_fill(~mask.bool(), -math.inf)).softmax(-1)
 
 
 class KArAt(nn.Module):
@@ -512,14 +496,10 @@ class KArAt(nn.Module):
     def inputs(self, q, k, v, bias, mask):
         op = self.operator
         check_inputs(q, k, v, bias, mask, op.heads, op.seq_len)
-        params = op.tensors()
-        if not torch.is_autocast_enabled(q.device.type) and q.dtype != next(op.parameters()).dtype:
-            cast = lambda t: t.to(q.dtype)
-            params = {n: cast(t) if n == 'W' else {u: cast(p) for u, p in t.items()}
-                      for n, t in params.items()}
         if mask is not None:  # 0/1 in q's dtype: nonzero attends, as softmax reads it
             mask = four_d(mask).bool().to(q.dtype)
-        return four_d(bias), mask, params
+        autocast = torch.is_autocast_enabled(q.device.type)  # which casts for itself
+        return four_d(bias), mask, op.tensors(None if autocast else q.dtype)
 
     def forward(self, q, k, v, bias=None, mask=None):
         bias, mask, params = self.inputs(q, k, v, bias, mask)
