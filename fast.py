@@ -1,8 +1,8 @@
 """The fast paths of karat.py: the same attention, with nothing N x N kept for backward.
 
 karat_attention keeps the logits A (b h i j) for backward. The fast paths take q, k and the
-bias instead and recompute the logits in backward: one chunk of query rows at a time in
-PyTorch (kernel='torch', this file), tile by tile in fused Triton kernels (kernel='triton',
+bias instead and recompute the logits in backward: one head and chunk of query rows at a
+time in PyTorch (kernel='torch', this file), tile by tile in fused Triton kernels (kernel='triton',
 kernels.py). Every form they fuse is one primitive, Y = Σ_m (M ⊙ B_m(S)) X_m with
 S = scale q k^T + bias:
     low rank   X_m = C_m^T, Y = Z, then O = Z (W^T (M ⊙ V))
@@ -41,8 +41,8 @@ def values(params):
 def chunk_elements(device):
     """Default number of values a chunk holds at once: 16 MB of float32 on a CPU, where chunks
     bound the transient of backward, which sets the peak of a ViT's train step (at ViT-Tiny's
-    N = 197 and batch 8: three chunks of 66 rows, 2% lower than two of 99 at the same step
-    time); 1 GB on a GPU, which wants few large launches."""
+    N = 197 and batch 8: one tile of all 197 rows per head, 1.03x softmax's peak); 1 GB on a
+    GPU, which wants few large launches."""
     return 2 ** 22 if device.type == 'cpu' else 2 ** 28
 
 
@@ -53,41 +53,58 @@ def autocast_state(device):
 
 
 class RecomputedExpansion(torch.autograd.Function):
-    """Y = Σ_m (M ⊙ B_m(S)) X_m one chunk of query rows at a time, keeping only q, k and the
-    bias; backward recomputes each chunk's S and maps: dX_m = F_m^T dY,
-    dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k, dk = scale dS^T q. One function owns
-    the loop, so k is made contiguous once for every chunk's q k^T, not once per matmul."""
+    """Y = Σ_m (M ⊙ B_m(S)) X_m one tile (a head, a chunk of query rows) at a time, keeping only
+    q, k and the bias; backward recomputes each tile's S and maps: dX_m = F_m^T dY,
+    dS = M ⊙ Σ_m (dY X_m^T) ⊙ B_m'(S), dq = scale dS k, dk = scale dS^T q. A tile holds one
+    head, so that where X_m is shared by the batch (low rank: X_m = C_m^T) each product with
+    it is one matrix product over all b·i rows of the tile, not b small ones."""
 
     @staticmethod
     def forward(ctx, q, k, bias, mask, X, scale, basis, G, base, rows):
         ctx.save_for_backward(q, k, bias, mask, X)
         ctx.static, ctx.autocast = (scale, basis, G, base, rows), autocast_state(q.device.type)
-        k, X = k.contiguous(), X.unbind(2)
-        return torch.cat([contract(expansion_maps(logits(q[:, :, r], k, cut(bias, r), scale),
-                                                  basis, G, base), X, cut(mask, r))
-                          for r in rows], 2)
+        k = k.contiguous()
+        return torch.cat([torch.cat([
+            contract(expansion_maps(logits(q[:, h, r], k[:, h], cut(bias, h, r), scale),
+                                    basis, G, base), head_values(X, h), cut(mask, h, r))
+            for r in rows], 2) for h in heads(q)], 1)
 
     @staticmethod
     def backward(ctx, dY):
         q, k, bias, mask, X = ctx.saved_tensors
         scale, basis, G, base, rows = ctx.static
-        dq, dk, dX = torch.empty_like(q), 0, 0
+        dq, dk, dX = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(X)
         dbias = None if bias is None else torch.zeros_like(bias)
         with torch.autocast(**ctx.autocast):
             k = k.contiguous()
-            for r in rows:
-                S = logits(q[:, :, r], k, cut(bias, r), scale)
-                dSr, dXr = expansion_grads(S, dY[:, :, r], X, cut(mask, r), basis, G, base)
-                dq[:, :, r] = dSr @ k * scale
-                dk, dX = dk + dSr.mT @ q[:, :, r] * scale, dX + dXr
-                if bias is not None:
-                    cut(dbias, r).add_(dSr.sum_to_size(cut(bias, r).shape))
-        return dq, dk.sum_to_size(k.shape), dbias, None, dX.sum_to_size(X.shape), *[None] * 5
+            for h in heads(q):
+                for r in rows:
+                    S, qr = logits(q[:, h, r], k[:, h], cut(bias, h, r), scale), q[:, h, r]
+                    dS, dXr = expansion_grads(S, dY[:, h, r], head_values(X, h), cut(mask, h, r),
+                                              basis, G, base)
+                    for acc, dX_m in zip(head_values(dX, h), dXr):
+                        acc += dX_m
+                    dq[:, h, r] = dS @ k[:, h] * scale
+                    dk[:, h] += (dS.mT @ qr * scale).sum_to_size(dk[:, h].shape)
+                    if bias is not None:
+                        cut(dbias, h, r).add_(dS.sum_to_size(cut(bias, h, r).shape))
+        return dq, dk, dbias, None, dX, *[None] * 5
+
+
+def heads(q):
+    """One slice per head of q (b h i d), each keeping its head axis."""
+    return [slice(h, h + 1) for h in range(q.shape[1])]
+
+
+def head_values(X, h):
+    """The X_m of head h, X (b|1, h, m, j, e): (j, e) matrices where X has no batch axis, so
+    that matmul folds a tile's b·i rows into one product, else (b, 1, j, e)."""
+    return (X[0, h.start] if X.shape[0] == 1 else X[:, h]).unbind(-3)
 
 
 def expansion_grads(S, dY, X, mask, basis, G, base):
-    """dS and dX of one chunk of rows of Y = Σ_m (M ⊙ B_m(S)) X_m, from S and dY."""
-    grad = lambda m: dY @ X[:, :, m].mT  # M ⊙ comes once, on dS
+    """dS and the dX_m of one tile of Y = Σ_m (M ⊙ B_m(S)) X_m, from S and dY."""
+    grad = lambda m: dY @ X[m].mT  # M ⊙ comes once, on dS
     if basis.vjp is not None and base == 'zero':
         maps, dS = basis.vjp(S, G, grad)
     else:
@@ -97,9 +114,16 @@ def expansion_grads(S, dY, X, mask, basis, G, base):
         outs, gs = zip(*[(B, grad(m)) for m, B in enumerate(maps) if B.requires_grad])  # not T_0
         dS = torch.autograd.grad(outs, S, gs)[0]
     dS = dS if mask is None else dS * mask
-    dX = torch.stack([dY.mT @ (B if mask is None else B * mask).detach() for B in maps],
-                     2).mT  # dX_m^T = dY^T F_m: faster than F_m^T dY on a CPU
+    flat = X[0].dim() == 2  # X_m shared by the batch: dX_m sums over all b·i rows at once
+    dX = [transposed_product(dY, (B if mask is None else B * mask).detach(), flat) for B in maps]
     return dS, dX
+
+
+def transposed_product(dY, F, flat):
+    """F^T dY as (dY^T F)^T, faster than F^T dY on a CPU; over all b·i rows if `flat`."""
+    if flat:
+        dY, F = dY.flatten(0, -2), F.flatten(0, -2)
+    return (dY.mT @ F).mT
 
 
 class Reassociated(torch.autograd.Function):
@@ -129,9 +153,10 @@ def row_chunks(n, elements, per_row):
     return [slice(i, i + step) for i in range(0, n, step)]
 
 
-def cut(t, rows):
-    """The rows of a bias or mask (b|1, h|1, i|1, j): itself if it has none, or is None."""
-    return t if t is None or t.shape[2] == 1 else t[:, :, rows]
+def cut(t, h=slice(None), rows=slice(None)):
+    """Head h and query rows of a bias or mask (b|1, h|1, i|1, j), where it has them."""
+    return t if t is None else t[:, h if t.shape[1] > 1 else slice(None),
+                                 rows if t.shape[2] > 1 else slice(None)]
 
 
 def over_rows(fn, q, bias, mask, elements, per_row):
@@ -140,7 +165,8 @@ def over_rows(fn, q, bias, mask, elements, per_row):
     rows = row_chunks(q.shape[2], elements, per_row)
     if len(rows) == 1:
         return fn(q, bias, mask)
-    return torch.cat([fn(q[:, :, r], cut(bias, r), cut(mask, r)) for r in rows], dim=2)
+    return torch.cat([fn(q[:, :, r], cut(bias, rows=r), cut(mask, rows=r)) for r in rows],
+                     dim=2)
 
 
 def recomputed(fn):
@@ -149,9 +175,10 @@ def recomputed(fn):
 
 
 def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
-    """The primitive in PyTorch, chunk by chunk. X: (b|1, h, m, j, e). A chunk's backward
-    holds its m maps, S, dS and one dY X_m^T: m + 3 values per logit, at most `elements`."""
-    per_row = q.shape[0] * q.shape[1] * k.shape[2] * (X.shape[2] + 3)
+    """The primitive in PyTorch, tile by tile: a head and a chunk of its query rows. X: (b|1, h,
+    m, j, e). A tile's backward holds its m maps, S, dS and one dY X_m^T: m + 3 values per
+    logit, at most `elements`."""
+    per_row = q.shape[0] * k.shape[2] * (X.shape[2] + 3)
     rows = row_chunks(q.shape[2], elements, per_row)
     return RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base, rows)
 
