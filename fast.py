@@ -78,14 +78,14 @@ class RecomputedExpansion(torch.autograd.Function):
         with torch.autocast(**ctx.autocast):
             k = k.contiguous()
             for h in heads(q):
+                kh, dkh, Xh, dXh = k[:, h], dk[:, h], head_values(X, h), head_values(dX, h)
                 for r in rows:
-                    S, qr = logits(q[:, h, r], k[:, h], cut(bias, h, r), scale), q[:, h, r]
-                    dS, dXr = expansion_grads(S, dY[:, h, r], head_values(X, h), cut(mask, h, r),
-                                              basis, G, base)
-                    for acc, dX_m in zip(head_values(dX, h), dXr):
+                    S, qr = logits(q[:, h, r], kh, cut(bias, h, r), scale), q[:, h, r]
+                    dS, dXr = expansion_grads(S, dY[:, h, r], Xh, cut(mask, h, r), basis, G, base)
+                    for acc, dX_m in zip(dXh, dXr):
                         acc += dX_m
-                    dq[:, h, r] = dS @ k[:, h] * scale
-                    dk[:, h] += (dS.mT @ qr * scale).sum_to_size(dk[:, h].shape)
+                    dq[:, h, r] = dS @ kh * scale
+                    dkh += (dS.mT @ qr * scale).sum_to_size(dkh.shape)
                     if bias is not None:
                         cut(dbias, h, r).add_(dS.sum_to_size(cut(bias, h, r).shape))
         return dq, dk, dbias, None, dX, *[None] * 5
