@@ -35,7 +35,7 @@ def values(params):
     C = params['coef']
     if 'w_base' in params:
         C = torch.cat([C, params['w_base'][..., None]], -1)
-    return rearrange(C, 'h p q m -> 1 h m q p')
+    return rearrange(C, 'h p q m -> 1 h m q p').contiguous()  # BLAS takes each X_m uncopied
 
 
 def chunk_elements(device):
@@ -81,7 +81,8 @@ class RecomputedExpansion(torch.autograd.Function):
                 kh, dkh, Xh, dXh = k[:, h], dk[:, h], head_values(X, h), head_values(dX, h)
                 for r in rows:
                     S, qr = logits(q[:, h, r], kh, cut(bias, h, r), scale), q[:, h, r]
-                    dS, dXr = expansion_grads(S, dY[:, h, r], Xh, cut(mask, h, r), basis, G, base)
+                    dYr = dY[:, h, r].contiguous()  # once, not once per product
+                    dS, dXr = expansion_grads(S, dYr, Xh, cut(mask, h, r), basis, G, base)
                     for acc, dX_m in zip(dXh, dXr):
                         acc += dX_m
                     dq[:, h, r] = dS @ kh * scale
