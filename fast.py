@@ -35,7 +35,7 @@ def values(params):
     C = params['coef']
     if 'w_base' in params:
         C = torch.cat([C, params['w_base'][..., None]], -1)
-    return rearrange(C, 'h p q m -> 1 h m q p').contiguous()  # BLAS takes each X_m uncopied
+    return rearrange(C, 'h p q m -> 1 h m q p')
 
 
 def chunk_elements(device):
@@ -63,7 +63,7 @@ class RecomputedExpansion(torch.autograd.Function):
     def forward(ctx, q, k, bias, mask, X, scale, basis, G, base, rows):
         ctx.save_for_backward(q, k, bias, mask, X)
         ctx.static, ctx.autocast = (scale, basis, G, base, rows), autocast_state(q.device.type)
-        k = k.contiguous()
+        k, X = k.contiguous(), X.contiguous()  # X is kept as a view: copied for BLAS, not saved
         return torch.cat([torch.cat([
             contract(expansion_maps(logits(q[:, h, r], k[:, h], cut(bias, h, r), scale),
                                     basis, G, base), head_values(X, h), cut(mask, h, r))
@@ -76,7 +76,7 @@ class RecomputedExpansion(torch.autograd.Function):
         dq, dk, dX = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(X)
         dbias = None if bias is None else torch.zeros_like(bias)
         with torch.autocast(**ctx.autocast):
-            k = k.contiguous()
+            k, X = k.contiguous(), X.contiguous()
             for h in heads(q):
                 kh, dkh, Xh, dXh = k[:, h], dk[:, h], head_values(X, h), head_values(dX, h)
                 for r in rows:
