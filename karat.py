@@ -41,10 +41,10 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 
 
 def fourier(x, G):
-    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps from one cos x and one sin x, by
-    cos((m+1)x) = cos((m-1)x) - 2 sin x sin(mx) and sin((m+1)x) = sin((m-1)x) + 2 sin x cos(mx)
-    from cos 0 = 1, sin 0 = 0 (tensors on x's device, as addcmul needs): one fused multiply-add
-    per map is cheaper than a sin or a cos."""
+    """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps from one cos x and one sin x, the
+    rest by one fused multiply-add each (cheaper than a sin or a cos): cos((m+1)x) = cos((m-1)x)
+    - 2 sin x sin(mx), sin((m+1)x) = sin((m-1)x) + 2 sin x cos(mx), from cos 0 = 1 and sin 0 = 0
+    as tensors on x's device (addcmul's operands)."""
     cos, sin = [x.new_ones(()), torch.cos(x)], [x.new_zeros(()), torch.sin(x)]
     for m in range(1, G):
         cos.append(torch.addcmul(cos[m - 1], sin[1], sin[m], value=-2))
@@ -53,9 +53,9 @@ def fourier(x, G):
 
 
 def fourier_vjp(x, G, grad):
-    """fourier(x, G) and Σ_m g_m B_m'(x), g_m = grad(m), by d cos(mx) = -m sin(mx) and
-    d sin(mx) = m cos(mx): the derivative reuses the maps, where autograd would evaluate sin and
-    cos again, and each g_m is made when it is used, so one lives at a time."""
+    """fourier(x, G) and Σ_m g_m B_m'(x), g_m = grad(m), by d cos(mx) = -m sin(mx), d sin(mx) =
+    m cos(mx): the maps are reused (autograd would evaluate sin and cos again), and each g_m is
+    made when it is used, so one lives at a time."""
     maps = fourier(x, G)
     cos, sin = maps[:G], maps[G:]
     dx = (cos[0] * grad(G)).addcmul_(sin[0], grad(0), value=-1)  # m = 1
@@ -71,8 +71,7 @@ def bspline(x, G, k=3, lo=SPLINE_RANGE[0], hi=SPLINE_RANGE[1]):
     Knots t_i = lo + (i - k) h, h = (hi - lo)/G, i = 0..G+2k; Cox–de Boor recursion
     B_{i,0} = [t_i <= x < t_{i+1}], B_{i,j} = (x - t_i)/(t_{i+j} - t_i) B_{i,j-1}
     + (t_{i+j+1} - x)/(t_{i+j+1} - t_{i+1}) B_{i+1,j-1}.
-    x is clamped into [lo, hi) so that no logit ever meets an all-zero basis.
-    """
+    x is clamped into [lo, hi) so that no logit ever meets an all-zero basis."""
     h = (hi - lo) / G
     t = lo + h * torch.arange(-k, G + k + 1, dtype=x.dtype, device=x.device)
     x = x.clamp(lo, hi - 1e-4 * h)[..., None]
@@ -105,8 +104,7 @@ def rational(x, a, b):
 
     The denominator is the "safe" Padé activation unit of Molina et al. (ICLR 2020),
     1 + |Σ_j b_j x^j|; KAT's GPU kernels (Yang & Wang, 2024) use 1 + Σ_j |b_j| |x|^j instead.
-    a: (..., 6) and b: (..., 4) broadcast against x.
-    """
+    a: (..., 6) and b: (..., 4) broadcast against x."""
     P = a[..., 5]
     for i in range(4, -1, -1):
         P = P * x + a[..., i]
@@ -116,8 +114,7 @@ def rational(x, a, b):
     return P / (1 + (Q * x).abs())
 
 
-# Wavelets act on x̃ = (x - τ)/s with learnable translation τ (init 0), scale s (init 1) and
-# weight w. Where the sign of a wavelet differs between sources, the learnable w absorbs it.
+# Wavelets ψ, each unit w ψ((x - τ)/s): where a sign differs between sources, w absorbs it.
 
 def mexican_hat(x):
     """Ricker wavelet 2/(√3 π^{1/4}) (1 - x²) e^{-x²/2}, the negative of Wav-KAN's
@@ -162,8 +159,7 @@ class Basis:
         derivative where one beats autograd (optional).
     Unit families, with per-unit parameters:
         unit(x, params) -> φ(x), the parameters broadcast against x; init(shape, std) -> the
-        parameters of `shape` units, each with output standard deviation ~std.
-    """
+        parameters of `shape` units, each with output standard deviation ~std."""
     name: str
     maps: Callable = None
     size: Callable = None
@@ -185,7 +181,7 @@ def rational_init(shape, std):
 
 
 def wavelet(name, psi):
-    """The unit family w ψ((x - τ)/s), τ = 0 and s = 1 at init."""
+    """The unit family w ψ((x - τ)/s): weight w, translation τ (init 0), scale s (init 1)."""
     init = lambda shape, std: {'w': torch.randn(shape) * std, 'tau': torch.zeros(shape),
                                's': torch.ones(shape)}
     return Basis(name, unit=lambda x, p: p['w'] * psi((x - p['tau']) / p['s']), init=init)
@@ -247,8 +243,7 @@ def kan(x, basis, params, G, base='zero', mask=None):
     """Φ(x)_p = Σ_q m_q φ_pq(x_q) for every row x of a batch, per head.
 
     x: (b h i q); params indexed (h p q ...); mask: 0/1 broadcastable to x (1 = keep),
-    so that a masked input contributes exactly zero. Returns (b h i p).
-    """
+    so that a masked input contributes exactly zero. Returns (b h i p)."""
     if basis.expansion:
         coefs = [C.mT for C in expansion_coefs(params)]
         return contract(expansion_maps(x, basis, G, base), coefs, mask)
@@ -289,8 +284,7 @@ def karat_attention(A, V, params, config, mask=None, return_attention=False):
     states them; config: its `AttentionConfig`. mask: 0/1 (b|1, h|1, i|1, j), 1 = attend:
     a masked key enters no unit and gets weight 0. Where the re-association applies (W Φ̂
     order, keys masked alike for every query, no projection) the output is O = Z (W^T V),
-    without the N x N matrix σ̂. Returns O (b h i d), or σ̂ (b h i j) when return_attention.
-    """
+    without the N x N matrix σ̂. Returns O (b h i d), or σ̂ (b h i j) when return_attention."""
     Phi = lambda x, p, mask: kan(x, BASES[config.attn], p, config.grid, config.base, mask)
     if config.rank is None:
         S = Phi(A, params['phi'], mask)
@@ -401,8 +395,7 @@ def layout(N, r, order):
 
 class Operator(nn.Module):
     """The learnable activation of `heads` heads over rows of N = seq_len logits: Φ (full) or
-    σ̂ = W Φ̂ with r x N units and W ∈ R^{N x r} (low rank), as the config says.
-
+    σ̂ = W Φ̂ with r x N units and W ∈ R^{N x r} (low rank), as the config says:
     Operator('fourier', 3, 197, rank=12) or Operator(config, 3, 197). Parameters as `layout`
     states them; `tensors()` gives them to karat_attention."""
 
@@ -444,7 +437,8 @@ class Operator(nn.Module):
 
 def check_inputs(q, k, v, bias=None, mask=None, heads=None, seq_len=None):
     """A ValueError naming what does not fit: q (b h i d), k (b h j d), v (b h j e), bias and
-    mask broadcastable to (b h i j), and an operator's heads and N when given."""
+    mask broadcastable to (b h i j), and an operator's heads and N when given. Returns bias and
+    mask four-dimensional, their missing leading axes of size 1."""
     shapes = lambda: ', '.join(str(tuple(t.shape)) for t in (q, k, v))  # for a message only
     if not (q.dim() == k.dim() == v.dim() == 4 and q.shape[:2] == k.shape[:2]
             and k.shape[:3] == v.shape[:3] and q.shape[-1] == k.shape[-1]):
@@ -454,17 +448,14 @@ def check_inputs(q, k, v, bias=None, mask=None, heads=None, seq_len=None):
         raise ValueError(f"this KArAt operator has {heads} heads and N = {seq_len} keys, got "
                          f"shapes {shapes()}; a KArAt model accepts only the heads and sequence "
                          "length (image size) it was built for")
+    four_d = lambda t: t if t is None else t.reshape((1,) * (4 - t.dim()) + t.shape)
     full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     for name, t in (('bias', bias), ('mask', mask)):
         if t is not None and (t.dim() > 4 or any(
                 n not in (1, m) for n, m in zip(four_d(t).shape, full))):
             raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to (b, h, i, "
                              f"j) = {full}; allowed: each axis of that size or 1")
-
-
-def four_d(t):
-    """A bias or mask broadcastable to (b h i j), with its missing leading axes as size 1."""
-    return t if t is None else t.reshape((1,) * (4 - t.dim()) + t.shape)
+    return four_d(bias), four_d(mask)
 
 
 class Softmax(nn.Module):
@@ -495,11 +486,11 @@ class KArAt(nn.Module):
 
     def inputs(self, q, k, v, bias, mask):
         op = self.operator
-        check_inputs(q, k, v, bias, mask, op.heads, op.seq_len)
+        bias, mask = check_inputs(q, k, v, bias, mask, op.heads, op.seq_len)
         if mask is not None:  # 0/1 in q's dtype: nonzero attends, as softmax reads it
-            mask = four_d(mask).bool().to(q.dtype)
+            mask = mask.bool().to(q.dtype)
         autocast = torch.is_autocast_enabled(q.device.type)  # which casts for itself
-        return four_d(bias), mask, op.tensors(None if autocast else q.dtype)
+        return bias, mask, op.tensors(None if autocast else q.dtype)
 
     def forward(self, q, k, v, bias=None, mask=None):
         bias, mask, params = self.inputs(q, k, v, bias, mask)
