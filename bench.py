@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 import detection
 import karat
-from train import (DATASETS, Fatal, Parser, apply_recipe, attention_options, autocast,
-                   build_model, ints, model_arguments, model_config, optimizer_for, positive)
+from train import (DATASETS, M_MMAP_THRESHOLD, Fatal, Parser, apply_recipe, attention_options,
+                   autocast, build_model, ints, model_arguments, model_config, optimizer_for,
+                   positive, reuse_freed_memory)
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
 # 'triton'); a new way of computing the same model is one more entry here.
@@ -49,7 +50,6 @@ PATHS = {
     'naive': dict(efficient=False),                    # KArAt as the paper computes it
 }
 COMPARED = ('softmax', 'torch', 'naive')
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 def path_names(text):
@@ -200,8 +200,8 @@ def benchmark(args):
     """One JSON line per path: median step time over --bench-steps interleaved steps, and peak
     memory. On a CPU glibc first serves every block of 64 KiB or more with a mapping of its own,
     so that a freed tensor leaves the resident set at once (by default freed blocks stay in the
-    heap, and the peak would measure fragmentation); for the timed steps the threshold goes to
-    32 MiB, glibc's own steady state."""
+    heap, and the peak would measure fragmentation); the timed steps run with train.py's
+    settings (`reuse_freed_memory`)."""
     device, cuda = torch.device(args.device), args.device.startswith('cuda')
     # CPU memory is read from Linux's /proc
     measured = cuda or Path('/proc/self/clear_refs').exists()
@@ -232,8 +232,7 @@ def benchmark(args):
 
     runs = [warmed(path) for path in args.paths]
     if libc:
-        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2 ** 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 2 ** 20)
+        reuse_freed_memory()
     for run in runs:
         run['step']()
     for _ in range(args.bench_steps):

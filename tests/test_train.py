@@ -4,6 +4,7 @@ or two blocks at 8x8 pixels, patch 2: N = 17) keep every run to seconds on a 2-c
 import json
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -222,6 +223,21 @@ def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_ch
     source = torch.load(softmax_checkpoint, weights_only=True)['model']['pos_embed']
     assert model.pos_embed.shape == (1, 65, 192)
     assert torch.equal(model.pos_embed[:, 0], source[:, 0])  # the CLS token's embedding is kept
+
+
+def test_on_a_cpu_a_freed_tensor_is_reused_without_page_faults():
+    """train.py's allocator settings (glibc): once the heap has settled (a few steps), the
+    16 MiB of a freed tensor serve the next one, whose fill then faults in almost no new pages
+    (4,096 if they were mapped afresh, as they are step after step with glibc's defaults)."""
+    if not train.reuse_freed_memory():
+        pytest.skip('not glibc')
+
+    def faults():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(4 * 2 ** 20)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    settled = [faults() for _ in range(8)][3:]
+    assert sorted(settled)[2] < 256, settled
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
