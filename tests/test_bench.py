@@ -11,10 +11,12 @@ from test_train import TINY, python
 # Timing and memory -----------------------------------------------------------------------------
 
 def test_benchmark_prints_one_json_line():
-    done = python('bench.py', *TINY, '--depth', '1', '--batch-size', '8', '--bench-steps', '3', '--naive')
+    done = python('bench.py', *TINY, '--depth', '1', '--batch-size', '8', '--bench-steps', '3',
+                  '--naive')
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(model='vit_tiny', attn='fourier', naive=True, batch=8)
+    assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(
+        model='vit_tiny', attn='fourier', naive=True, batch=8)
     assert result['step_ms'] > 0 and result['img_per_s'] > 0 and result['peak_mem_mb'] > 0
     assert result['device'].startswith('cpu')
 
@@ -23,8 +25,9 @@ def test_benchmark_compare_shows_the_naive_formula_keeping_the_feature_tensor():
     """--compare on a CPU: softmax, the PyTorch path and the naive formula in one process, one
     line each. At N = 65, batch 32 the naive formula keeps the (b h N N) x 2G Fourier features,
     ~10 MB per block, where the PyTorch path keeps q and k."""
-    done = python('bench.py', '--compare', '--model', 'vit_tiny', '--img-size', '32', '--patch-size', '4',
-                  '--depth', '1', '--batch-size', '32', '--bench-steps', '2', '--device', 'cpu')
+    done = python('bench.py', '--compare', '--model', 'vit_tiny', '--img-size', '32',
+                  '--patch-size', '4', '--depth', '1', '--batch-size', '32', '--bench-steps', '2',
+                  '--device', 'cpu')
     assert done.returncode == 0, done.stderr
     softmax, ours, naive = (json.loads(line) for line in done.stdout.splitlines())
     assert [(r['path'], r['attn'], r['naive']) for r in (softmax, ours, naive)] == \

@@ -25,8 +25,8 @@ def detector(attn='softmax', **options):
 def classifier(attn='softmax', **options):
     """A ViT classifier with vitdet_tiny's backbone dimensions, at 128 px: N = 8² + 1 = 65."""
     torch.manual_seed(1)
-    return models.create_model('vit_tiny', attn=attn, img_size=128, embed_dim=96, depth=4, num_heads=3,
-                               num_classes=10, **options)
+    return models.create_model('vit_tiny', attn=attn, img_size=128, embed_dim=96, depth=4,
+                               num_heads=3, num_classes=10, **options)
 
 
 def batch(n=2, seed=0, img_size=128):
@@ -102,7 +102,8 @@ def test_window_blocks_are_local_and_global_blocks_are_not():
     y[0, 0, 0] += 1  # a token of the top-left 4 x 4 window
     with torch.no_grad():
         changed = lambda attn: (attn(x) - attn(y)).abs().sum(-1)[0] > 1e-6
-        assert changed(window)[:4, :4].all() and not changed(window)[4:].any() and not changed(window)[:, 4:].any()
+        assert (changed(window)[:4, :4].all() and not changed(window)[4:].any()
+                and not changed(window)[:, 4:].any())
         assert changed(glob).all()
 
 
@@ -115,19 +116,22 @@ def test_padding_tokens_of_a_window_get_exactly_zero_weight(attn):
         attention(torch.randn(2, 8, 8, 96))
     weights = rearrange(maps['attend'], '(b n) h i j -> b n h i j', b=2)  # n = 9 windows of N = 9
     padded = rearrange(~models.padding_mask(8, 3), 'n 1 j -> 1 n 1 1 j').expand_as(weights)
-    assert padded.any() and (weights[padded] == 0).all() and (weights[~padded] != 0).mean(dtype=torch.float) > 0.9
+    assert (padded.any() and (weights[padded] == 0).all()
+            and (weights[~padded] != 0).mean(dtype=torch.float) > 0.9)
 
 
 # Initialising the backbone from a classifier ------------------------------------------------
 
-@pytest.mark.parametrize('options', [dict(attn='softmax'), dict(attn='fourier'), dict(attn='fourier', mode='universal'),
+@pytest.mark.parametrize('options', [dict(attn='softmax'), dict(attn='fourier'),
+                                     dict(attn='fourier', mode='universal'),
                                      dict(attn='rational'), dict(attn='fourier', rank=None)])
 def test_load_backbone_copies_the_vit_and_is_the_identity_on_the_same_grid(options):
     """The classifier's 8 x 8 grid is the detector's: the global blocks' operators (N = 64) and
     the position embedding are the classifier's without the CLS entries, the rest is copied."""
     source, model = classifier(**options), detector(**options)
     report = models.load_backbone(model, source.state_dict())
-    assert report == dict(missing=[], unused=['cls_token', 'head.bias', 'head.weight', 'norm.bias', 'norm.weight'])
+    assert report == dict(missing=[], unused=['cls_token', 'head.bias', 'head.weight',
+                                              'norm.bias', 'norm.weight'])
     src, own = source.state_dict(), model.backbone.state_dict()
     assert torch.equal(own['pos_embed'], src['pos_embed'][:, 1:])
     for key, value in own.items():
@@ -145,7 +149,8 @@ def test_load_backbone_copies_the_vit_and_is_the_identity_on_the_same_grid(optio
 
 def test_resampling_keeps_every_sum_over_keys():
     """Window blocks (N = 16) get the classifier's 8 x 8 key grid shrunk to 4 x 4: a W and
-    Fourier coefficients constant over keys keep their sums over keys (Σ_j σ̂_j V_j, Σ_q φ_pq)."""
+    Fourier coefficients constant over keys keep their sums over keys (Σ_j σ̂_j V_j,
+    Σ_q φ_pq)."""
     source, model = classifier('fourier'), detector('fourier')
     state = source.state_dict()
     state['blocks.0.attn.attend.operator.W'] = torch.ones(3, 65, 12)
@@ -192,8 +197,10 @@ def test_shapes_boxes_are_exactly_their_masks_bounding_boxes():
         assert masks.sum(0).max() == 1  # shapes do not overlap
         for m, (x1, y1, x2, y2) in zip(masks, boxes.long().tolist()):
             assert m[y1:y2, x1:x2].sum() == m.sum()  # the box holds the whole mask
-            assert m[y1].any() and m[y2 - 1].any() and m[:, x1].any() and m[:, x2 - 1].any()  # and no more
-    assert torch.equal(data[5][0], data[5][0]) and not torch.equal(data[5][0], detection.Shapes(40, 96, seed=4)[5][0])
+            # and no more
+            assert m[y1].any() and m[y2 - 1].any() and m[:, x1].any() and m[:, x2 - 1].any()
+    assert torch.equal(data[5][0], data[5][0]) and not torch.equal(
+        data[5][0], detection.Shapes(40, 96, seed=4)[5][0])
 
 
 class Oracle(torch.nn.Module):
@@ -205,8 +212,9 @@ class Oracle(torch.nn.Module):
 
     def forward(self, images):
         targets = [next(self.targets) for _ in images]
-        return [dict(boxes=t['boxes'] + self.shift, labels=t['labels'], scores=torch.ones(len(t['labels'])),
-                     masks=t['masks'][:, None].float()) for t in targets]
+        return [dict(boxes=t['boxes'] + self.shift, labels=t['labels'],
+                     scores=torch.ones(len(t['labels'])), masks=t['masks'][:, None].float())
+                for t in targets]
 
 
 def test_coco_evaluation_gives_100_ap_for_the_ground_truth_and_less_for_shifted_boxes():
@@ -252,12 +260,14 @@ def test_the_detection_mode_logs_ap_and_eval_only_reproduces_it(tmp_path, capsys
     train.main(['--dataset', 'shapes', '--model', 'vitdet_tiny', '--limit', '8', '--eval-only',
                 '--resume', str(tmp_path / 'last.pt')])
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert {k: evaluated[k] for k in ('box_ap', 'mask_ap')} == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')}
+    assert ({k: evaluated[k] for k in ('box_ap', 'mask_ap')}
+            == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')})
 
 
 # Augmentation-free, but Mask R-CNN samples proposals at random and the EMA averages every step:
 # resume has to replay both.
-RESUMABLE = TINY + ['--dataset', 'shapes', '--attn', 'fourier', '--limit', '8', '--epochs', '3', '--ema', '0.9']
+RESUMABLE = TINY + ['--dataset', 'shapes', '--attn', 'fourier', '--limit', '8', '--epochs', '3',
+                    '--ema', '0.9']
 
 
 def test_detection_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(tmp_path):
@@ -272,18 +282,21 @@ def test_detection_resume_after_sigkill_ends_exactly_like_an_uninterrupted_run(t
 
 def test_torchrun_two_processes_give_the_box_ap_of_one_process_on_the_same_checkpoint(tmp_path):
     """Each rank detects half of the held-out shapes; rank 0 scores them all with pycocotools."""
-    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', '--dataset', 'shapes',
-                 '--model', 'vitdet_tiny', '--device', 'cpu', '--img-size', '64', '--limit', '96', '--epochs', '2',
+    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                 '--dataset', 'shapes', '--model', 'vitdet_tiny', '--device', 'cpu',
+                 '--img-size', '64', '--limit', '96', '--epochs', '2',
                  '--output-dir', str(tmp_path))
     assert run.returncode == 0, run.stderr
     rows = log(tmp_path)
-    assert [r['epoch'] for r in rows] == [1, 2] and json.loads((tmp_path / 'args.json').read_text())['world_size'] == 2
+    assert [r['epoch'] for r in rows] == [1, 2] and json.loads(
+        (tmp_path / 'args.json').read_text())['world_size'] == 2
     assert rows[1]['box_ap'] > 0  # 24 steps of 2 x 4 images: something is found
-    alone = python('train.py', '--dataset', 'shapes', '--model', 'vitdet_tiny', '--device', 'cpu', '--limit', '96',
-                   '--eval-only', '--resume', str(tmp_path / 'last.pt'))
+    alone = python('train.py', '--dataset', 'shapes', '--model', 'vitdet_tiny', '--device', 'cpu',
+                   '--limit', '96', '--eval-only', '--resume', str(tmp_path / 'last.pt'))
     assert alone.returncode == 0, alone.stderr
     evaluated = json.loads(alone.stdout.strip().splitlines()[-1])
-    assert {k: evaluated[k] for k in ('box_ap', 'mask_ap')} == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')}
+    assert ({k: evaluated[k] for k in ('box_ap', 'mask_ap')}
+            == {k: rows[-1][k] for k in ('box_ap', 'mask_ap')})
 
 
 def coco_folder(root, images=3):
@@ -299,9 +312,11 @@ def coco_folder(root, images=3):
             pixels[30:44, 40:60] = 120  # category 7
             Image.fromarray(pixels.numpy()).save(root / f'{split}2017' / f'{i:04d}.png')
             files.append(dict(id=100 + i, file_name=f'{i:04d}.png', height=48, width=64))
-            for cat, (x1, y1, x2, y2), crowd in ((3, (10, 8, 30, 24), 0), (7, (40, 30, 60, 44), 0), (7, (0, 40, 8, 48), 1)):
-                anns.append(dict(id=len(anns) + 1, image_id=100 + i, category_id=cat, iscrowd=crowd, area=(x2 - x1) * (y2 - y1),
-                                 bbox=[x1, y1, x2 - x1, y2 - y1], segmentation=[[x1, y1, x2, y1, x2, y2, x1, y2]]))
+            for cat, (x1, y1, x2, y2), crowd in ((3, (10, 8, 30, 24), 0), (7, (40, 30, 60, 44), 0),
+                                                 (7, (0, 40, 8, 48), 1)):
+                anns.append(dict(id=len(anns) + 1, image_id=100 + i, category_id=cat, iscrowd=crowd,
+                                 area=(x2 - x1) * (y2 - y1), bbox=[x1, y1, x2 - x1, y2 - y1],
+                                 segmentation=[[x1, y1, x2, y1, x2, y2, x1, y2]]))
         categories = [dict(id=3, name='bright'), dict(id=7, name='grey')]
         (root / 'annotations' / f'instances_{split}2017.json').write_text(
             json.dumps(dict(images=files, annotations=anns, categories=categories)))
@@ -313,23 +328,29 @@ def test_coco_format_targets_are_boxes_labels_and_masks_without_crowds(tmp_path)
     assert image.shape == (3, 48, 64) and image.dtype == torch.float32 and image.max() <= 1
     assert target['labels'].tolist() == [3, 7] and target['image_id'] == 100
     assert target['boxes'].tolist() == [[10, 8, 30, 24], [40, 30, 60, 44]]
-    assert torch.equal(detection.mask_boxes(target['masks']), target['boxes'])  # the polygons rasterise to the boxes
+    # the polygons rasterise to the boxes
+    assert torch.equal(detection.mask_boxes(target['masks']), target['boxes'])
 
 
-def test_the_detection_mode_trains_on_a_coco_folder_with_labels_up_to_the_largest_category(tmp_path):
+def test_the_detection_mode_trains_on_a_coco_folder_with_labels_up_to_the_largest_category(
+        tmp_path):
     coco_folder(tmp_path / 'coco')
-    train.main(TINY + ['--dataset', 'coco', '--data-path', str(tmp_path / 'coco'), '--attn', 'softmax', '--epochs', '1',
+    train.main(TINY + ['--dataset', 'coco', '--data-path', str(tmp_path / 'coco'),
+                       '--attn', 'softmax', '--epochs', '1',
                        '--workers', '0', '--output-dir', str(tmp_path / 'run')])
     ckpt = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)
-    assert ckpt['config']['num_classes'] == 8  # category ids 3 and 7 are the labels; 0 is the background
+    # category ids 3 and 7 are the labels; 0 is the background
+    assert ckpt['config']['num_classes'] == 8
     assert 'box_ap' in json.loads((tmp_path / 'run' / 'log.jsonl').read_text())
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--dataset', 'digits', '--model', 'vitdet_tiny'], 'vitdet_'),
     (['--dataset', 'shapes', '--model', 'vit_tiny'], 'vitdet_'),
-    (['--dataset', 'coco', '--model', 'vitdet_tiny', '--data-path', '/nonexistent'], 'no COCO train split'),
-    (['--dataset', 'shapes', '--model', 'vitdet_tiny', '--mixup', '0.8', '--smoothing', '0.1'], '--smoothing, --mixup'),
+    (['--dataset', 'coco', '--model', 'vitdet_tiny', '--data-path', '/nonexistent'],
+     'no COCO train split'),
+    (['--dataset', 'shapes', '--model', 'vitdet_tiny', '--mixup', '0.8', '--smoothing', '0.1'],
+     '--smoothing, --mixup'),
     (['--dataset', 'shapes', '--model', 'vitdet_tiny', '--download'], '--download'),
 ])
 def test_bad_detection_input_is_one_line_and_a_non_zero_exit(argv, message, capsys):
@@ -343,8 +364,8 @@ def test_bad_detection_input_is_one_line_and_a_non_zero_exit(argv, message, caps
 def test_a_non_finite_detection_loss_stops_at_a_named_step(tmp_path, capsys):
     """The classifier's rule: the first step's update at lr 1e12 makes the second loss NaN."""
     with pytest.raises(SystemExit):
-        train.main(TINY + ['--dataset', 'shapes', '--limit', '8', '--epochs', '1', '--lr', '1e12', '--warmup-epochs', '0',
-                           '--output-dir', str(tmp_path)])
+        train.main(TINY + ['--dataset', 'shapes', '--limit', '8', '--epochs', '1', '--lr', '1e12',
+                           '--warmup-epochs', '0', '--output-dir', str(tmp_path)])
     assert 'non-finite loss or gradient at step 2' in capsys.readouterr().err
     assert not (tmp_path / 'last.pt').exists()
 
@@ -353,8 +374,9 @@ def test_finetune_initialises_the_backbone_from_a_classifier_checkpoint(tmp_path
     source = classifier('fourier')
     torch.save(dict(model=source.state_dict(), config=source.config), tmp_path / 'vit.pt')
     # lr 0: the weights after one epoch are the weights the backbone started from
-    train.main(['--model', 'vitdet_tiny', '--img-size', '128', '--device', 'cpu', '--dataset', 'shapes', '--attn', 'fourier',
-                '--limit', '4', '--epochs', '1', '--lr', '0', '--warmup-epochs', '0', '--finetune', str(tmp_path / 'vit.pt'),
+    train.main(['--model', 'vitdet_tiny', '--img-size', '128', '--device', 'cpu',
+                '--dataset', 'shapes', '--attn', 'fourier', '--limit', '4', '--epochs', '1',
+                '--lr', '0', '--warmup-epochs', '0', '--finetune', str(tmp_path / 'vit.pt'),
                 '--output-dir', str(tmp_path / 'run')])
     assert 'left at init: nothing' in capsys.readouterr().out
     state = torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['model']

@@ -53,12 +53,14 @@ def test_cubic_bspline_takes_its_knot_values():
 def test_bspline_is_a_partition_of_unity_everywhere_even_beyond_the_grid():
     wide = torch.linspace(-50, 50, 1001)
     torch.testing.assert_close(sum(karat.bspline(wide, 5)), torch.ones_like(wide))
-    torch.testing.assert_close(karat.bspline(torch.tensor([100.0]), 5), karat.bspline(torch.tensor([karat.SPLINE_RANGE[1] - 1e-9]), 5))
+    torch.testing.assert_close(karat.bspline(torch.tensor([100.0]), 5),
+                               karat.bspline(torch.tensor([karat.SPLINE_RANGE[1] - 1e-9]), 5))
 
 
 def test_chebyshev_is_cos_m_arccos_of_tanh():
     m = torch.arange(0, 5)
-    torch.testing.assert_close(torch.stack(karat.chebyshev(x, 4), -1), torch.cos(m * torch.arccos(torch.tanh(x))[:, None]))
+    torch.testing.assert_close(torch.stack(karat.chebyshev(x, 4), -1),
+                               torch.cos(m * torch.arccos(torch.tanh(x))[:, None]))
 
 
 def test_gaussian_rbf_is_one_at_its_centres_and_follows_its_formula():
@@ -66,7 +68,8 @@ def test_gaussian_rbf_is_one_at_its_centres_and_follows_its_formula():
     mu = torch.linspace(*karat.SPLINE_RANGE, G)
     torch.testing.assert_close(torch.stack(karat.gaussian(mu, G), -1).diagonal(), torch.ones(G))
     h = (karat.SPLINE_RANGE[1] - karat.SPLINE_RANGE[0]) / (G - 1)
-    torch.testing.assert_close(torch.stack(karat.gaussian(x, G), -1), torch.exp(-((x[:, None] - mu) / h) ** 2))
+    torch.testing.assert_close(torch.stack(karat.gaussian(x, G), -1),
+                               torch.exp(-((x[:, None] - mu) / h) ** 2))
 
 
 def test_rational_is_p_over_one_plus_abs_q():
@@ -81,17 +84,21 @@ def test_wavelets_at_chosen_points():
     torch.testing.assert_close(karat.mexican_hat(torch.tensor([0.0, 1.0, 2.0])),
                                torch.tensor([c, 0.0, -3 * c * math.exp(-2)]))
     torch.testing.assert_close(karat.morlet(x), torch.cos(5 * x) * torch.exp(-x ** 2 / 2))
-    torch.testing.assert_close(karat.dog(torch.tensor([1.0, -2.0])), torch.tensor([math.exp(-0.5), -2 * math.exp(-2)]))
+    torch.testing.assert_close(karat.dog(torch.tensor([1.0, -2.0])),
+                               torch.tensor([math.exp(-0.5), -2 * math.exp(-2)]))
     # Meyer: sin(π|x|) on [0, ½]; ν(½) = ½ gives cos(π/4) at |x| = ¾; zero from |x| = 1.
     torch.testing.assert_close(karat.meyer(torch.tensor([0.3, -0.75, 1.0, 2.5])),
-                               torch.tensor([math.sin(0.3 * math.pi), math.sin(0.75 * math.pi) * math.cos(math.pi / 4), 0.0, 0.0]))
+                               torch.tensor([math.sin(0.3 * math.pi),
+                                             math.sin(0.75 * math.pi) * math.cos(math.pi / 4),
+                                             0.0, 0.0]))
     window = 0.54 - 0.46 * torch.cos(2 * math.pi * torch.arange(13) / 12)
-    torch.testing.assert_close(karat.shannon(x), torch.where(x == 0, 1.0, torch.sin(x) / x) * window)
+    torch.testing.assert_close(karat.shannon(x),
+                               torch.where(x == 0, 1.0, torch.sin(x) / x) * window)
 
 
 def test_every_named_family_is_registered():
-    assert set(karat.BASES) == {'fourier', 'bspline', 'rational', 'mexican_hat', 'morlet', 'dog', 'meyer',
-                                'shannon', 'chebyshev', 'gaussian'}
+    assert set(karat.BASES) == {'fourier', 'bspline', 'rational', 'mexican_hat', 'morlet', 'dog',
+                                'meyer', 'shannon', 'chebyshev', 'gaussian'}
     assert karat.ATTENTIONS[0] == 'softmax'
 
 
@@ -106,7 +113,8 @@ def test_kan_layer_sums_its_univariate_units(base):
     out = karat.kan(row[None, None, None], basis, params, G, base)[0, 0, 0]
     b = karat.BASE_ACTIVATIONS[base]
     for p in range(3):
-        units = [params['coef'][0, p, q] @ torch.stack(karat.fourier(row[q], G)) + (0 if b is None else params['w_base'][0, p, q] * b(row[q]))
+        units = [params['coef'][0, p, q] @ torch.stack(karat.fourier(row[q], G))
+                 + (0 if b is None else params['w_base'][0, p, q] * b(row[q]))
                  for q in range(4)]
         torch.testing.assert_close(out[p], sum(units))
 
@@ -116,7 +124,8 @@ def test_zero_base_has_no_base_weight():
 
 
 def test_fourier_init_gives_unit_variance_whatever_the_logit_scale():
-    """Σ_m cos² + sin² = G, so with coefficients N(0, 1/(N G)) Z = Φ̂(a) has variance exactly 1."""
+    """Σ_m cos² + sin² = G, so with coefficients N(0, 1/(N G)) Z = Φ̂(a) has variance
+    exactly 1."""
     torch.manual_seed(0)
     N, G = 64, 3
     params = karat.init_kan(karat.BASES['fourier'], 8, 64, N, G, 'zero', N ** -0.5)
@@ -168,10 +177,12 @@ def test_low_rank_output_is_W_phi_hat_A_times_V():
 def test_ablation_orders_compose_as_documented():
     A, V = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 3)
     op = operator(N=5, rank=2, order='phi_W')
-    S = karat.kan(einsum(A, op.W, 'b h i j, h j r -> b h i r'), op.basis, dict(op.phi), op.config.grid)
+    S = karat.kan(einsum(A, op.W, 'b h i j, h j r -> b h i r'), op.basis, dict(op.phi),
+                  op.config.grid)
     torch.testing.assert_close(op(A, V, return_attention=True), S)
     op = operator(N=5, rank=2, order='phi_phi')
-    S = karat.kan(karat.kan(A, op.basis, dict(op.phi), op.config.grid), op.basis, dict(op.phi2), op.config.grid)
+    S = karat.kan(karat.kan(A, op.basis, dict(op.phi), op.config.grid), op.basis, dict(op.phi2),
+                  op.config.grid)
     torch.testing.assert_close(op(A, V, return_attention=True), S)
 
 
@@ -222,7 +233,8 @@ def test_masked_keys_contribute_exactly_zero(attn, rank, per_query):
     # Only keys masked for every query may change; with a per-query mask, change the bias instead.
     hidden = ~mask.any(2, keepdim=True).transpose(-1, -2)
     bias = torch.where(mask, 0.0, 1e3 * torch.randn(2, 2, 7, 7))
-    torch.testing.assert_close(out, attend(q, torch.where(hidden, k2, k), torch.where(hidden, v2, v), bias, mask))
+    torch.testing.assert_close(out, attend(q, torch.where(hidden, k2, k),
+                                           torch.where(hidden, v2, v), bias, mask))
     S = attend.activate(q, k, bias, mask)
     assert (S.masked_select(~mask.expand_as(S)) == 0).all()
 
@@ -256,17 +268,19 @@ def test_gradcheck_every_basis(attn, base):
         q, k = q.requires_grad_(), k.requires_grad_()
 
     def f(q, k, V, *params):
-        return torch.func.functional_call(karat.KArAt(op), {f'operator.{n}': p for n, p in zip(names, params)},
+        return torch.func.functional_call(karat.KArAt(op),
+                                          {f'operator.{n}': p for n, p in zip(names, params)},
                                           (q, k, V))
-    assert torch.autograd.gradcheck(f, (q, k, V, *[p.detach().requires_grad_() for p in op.parameters()]))
+    assert torch.autograd.gradcheck(f, (q, k, V,
+                                        *[p.detach().requires_grad_() for p in op.parameters()]))
 
 
 # --- sharing, models, errors ----------------------------------------------------------------
 
 def vit(attn, mode, rank):
     torch.manual_seed(0)
-    return models.create_model('vit_tiny', attn=attn, img_size=32, patch_size=4, num_classes=10, depth=2,
-                               mode=mode, rank=rank)
+    return models.create_model('vit_tiny', attn=attn, img_size=32, patch_size=4, num_classes=10,
+                               depth=2, mode=mode, rank=rank)
 
 
 def test_universal_mode_shares_one_operator_across_blocks():
@@ -275,7 +289,8 @@ def test_universal_mode_shares_one_operator_across_blocks():
     assert ops[0] is ops[1] and uni.blocks[0].attn.attend is not uni.blocks[1].attn.attend
     assert blk.blocks[0].attn.attend.operator is not blk.blocks[1].attn.attend.operator
     n_op = sum(p.numel() for p in ops[0].parameters())
-    assert sum(p.numel() for p in blk.parameters()) - sum(p.numel() for p in uni.parameters()) == n_op
+    assert (sum(p.numel() for p in blk.parameters()) - sum(p.numel() for p in uni.parameters())
+            == n_op)
 
 
 @pytest.mark.parametrize('attn', karat.BASES)
@@ -287,7 +302,8 @@ def test_every_basis_trains_inside_a_vit(attn, mode, rank):
     model(torch.randn(2, 3, 32, 32)).logsumexp(-1).sum().backward()
     for name, p in model.named_parameters():
         if 'attend' in name:
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+            assert (p.grad is not None and torch.isfinite(p.grad).all()
+                    and p.grad.abs().sum() > 0), name
 
 
 @pytest.mark.parametrize('kwargs, message', [
@@ -337,7 +353,8 @@ def test_inputs_that_do_not_fit_the_operator_are_refused():
                                              rf'\(2, {heads}, 7, 4\)'):
             attend(*(t[:, :1].expand(-1, heads, -1, -1) for t in (q, k, v)))
     for shape in ((2, 2, 7, 7), (7, 6), (2, 1, 1, 1, 7)):
-        with pytest.raises(ValueError, match=r'mask of shape .* does not broadcast to \(b, h, i, j\)'):
+        with pytest.raises(ValueError, match=r'mask of shape .* does not broadcast to '
+                                             r'\(b, h, i, j\)'):
             attend(q, k, v, mask=torch.ones(shape, dtype=torch.bool))
     with pytest.raises(ValueError, match=r'bias of shape \(3, 7, 6\) does not broadcast'):
         attend(q, k, v, bias=torch.zeros(3, 7, 6))
@@ -372,7 +389,8 @@ def test_mismatched_shapes_are_refused():
         attend(q[:, :, :5], k[:, :, :5], v[:, :, :5])
     with pytest.raises(ValueError, match=r'and agree, got shapes .*\(2, 1, 7, 4\)'):
         attend(q, k, v[:, :1])
-    with pytest.raises(ValueError, match=r'\(batch, heads, tokens, dim\) and agree, got shapes \(2,'):
+    with pytest.raises(ValueError, match=r'\(batch, heads, tokens, dim\) and agree, '
+                                         r'got shapes \(2,'):
         attend(q[0], k[0], v[0])
 
 
@@ -380,7 +398,8 @@ def test_capture_attention_records_the_matrix_each_block_applies():
     torch.set_default_dtype(torch.float32)
     model = vit('fourier', 'universal', 12)
     seen = {}
-    hooks = [b.attn.attend.register_forward_hook(lambda m, args, out, i=i: seen.__setitem__(i, (args[2], out)))
+    hooks = [b.attn.attend.register_forward_hook(
+                 lambda m, args, out, i=i: seen.__setitem__(i, (args[2], out)))
              for i, b in enumerate(model.blocks)]
     with models.capture_attention(model) as maps:
         model(torch.randn(2, 3, 32, 32))

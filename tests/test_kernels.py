@@ -100,7 +100,8 @@ def test_fast_path_with_a_base_activation(kernel, attn, base):
 def test_fast_path_under_bf16_autocast(kernel, attn, rank):
     """`--amp`: with bf16 inputs under autocast, the output and every gradient are as close to the
     float64 definition as the definition itself computed under bf16 autocast, or within 3%. Low
-    rank in a Swin window (N = 49), full rank at N = 17: the interpreter's time grows as N³ there."""
+    rank in a Swin window (N = 49), full rank at N = 17: the interpreter's time grows as N³
+    there."""
     torch.manual_seed(0)
     N = 49 if rank else 17
     op = karat.Operator(attn, 2, N, rank=rank, kernel=kernel)

@@ -19,15 +19,19 @@ SMALL = {
     'convit_tiny': dict(patch_size=4, depth=3, embed_dim=32),
     'convit_small': dict(patch_size=4, depth=3, embed_dim=36),
     'convit_base': dict(patch_size=4, depth=3, embed_dim=64),
-    'swin_t': dict(patch_size=4, depth=(2, 2, 2), num_heads=(3, 6, 12), embed_dim=24, window_size=4),
-    'swin_s': dict(patch_size=4, depth=(2, 4, 2), num_heads=(3, 6, 12), embed_dim=24, window_size=4),
-    'swin_b': dict(patch_size=4, depth=(2, 2, 2), num_heads=(4, 8, 16), embed_dim=32, window_size=4),
+    'swin_t': dict(patch_size=4, depth=(2, 2, 2), num_heads=(3, 6, 12), embed_dim=24,
+                   window_size=4),
+    'swin_s': dict(patch_size=4, depth=(2, 4, 2), num_heads=(3, 6, 12), embed_dim=24,
+                   window_size=4),
+    'swin_b': dict(patch_size=4, depth=(2, 2, 2), num_heads=(4, 8, 16), embed_dim=32,
+                   window_size=4),
 }
 
 
 def small(name, attn='softmax', seed=0, **options):
     torch.manual_seed(seed)
-    return models.create_model(name, attn=attn, num_classes=10, img_size=IMG, **{**SMALL[name], **options})
+    return models.create_model(name, attn=attn, num_classes=10, img_size=IMG,
+                               **{**SMALL[name], **options})
 
 
 def images(batch=2, seed=0):
@@ -60,7 +64,8 @@ def test_softmax_vit_and_convit_have_timms_parameter_counts(name, num_classes, c
 @pytest.mark.parametrize('name', ['swin_t', 'swin_s', 'swin_b'])
 def test_softmax_swin_has_torchvisions_parameter_count(name):
     with torch.device('meta'):
-        assert n_params(models.create_model(name, num_classes=10)) == n_params(getattr(torchvision.models, name)(num_classes=10))
+        assert n_params(models.create_model(name, num_classes=10)) == n_params(
+            getattr(torchvision.models, name)(num_classes=10))
 
 
 # (name, options, num_classes, Table 1 of the paper). Ours per operator: r·N·2G Fourier
@@ -75,10 +80,12 @@ TABLE_1 = [
 
 
 @pytest.mark.parametrize('name, options, num_classes, paper', TABLE_1)
-def test_karat_parameter_counts_follow_our_accounting_and_are_within_3_percent_of_the_paper(name, options, num_classes, paper):
+def test_karat_parameter_counts_follow_our_accounting_and_are_within_3_percent_of_the_paper(
+        name, options, num_classes, paper):
     with torch.device('meta'):
         softmax = n_params(models.create_model(name, num_classes=num_classes))
-        ours = n_params(models.create_model(name, attn='fourier', num_classes=num_classes, rank=12, **options))
+        ours = n_params(models.create_model(name, attn='fourier', num_classes=num_classes, rank=12,
+                                            **options))
     heads, N, r, G = models.MODELS[name][1]['num_heads'], 197, 12, options['grid']
     operators = 1 if options.get('mode') == 'universal' else 12
     assert ours == softmax + operators * heads * (r * N * 2 * G + N * r)
@@ -91,14 +98,15 @@ def copy_parameters(source, target):
     with torch.no_grad():
         for s, t in pairs:
             assert s.shape == t.shape
-            t.copy_(s.normal_(0, 0.2))  # larger than the init, so that attention is far from uniform
+            # larger than the init, so that attention is far from uniform
+            t.copy_(s.normal_(0, 0.2))
 
 
 def test_softmax_swin_computes_torchvisions_function():
     ours = models.create_model('swin_t', num_classes=10, img_size=IMG, patch_size=4, embed_dim=24,
                                depth=(2, 2), num_heads=(2, 4), window_size=4).eval()
-    theirs = TorchvisionSwin(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
-                             stochastic_depth_prob=0.0, num_classes=10).eval()
+    theirs = TorchvisionSwin(patch_size=[4, 4], embed_dim=24, depths=[2, 2], num_heads=[2, 4],
+                             window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=10).eval()
     copy_parameters(theirs, ours)
     x = images()
     with torch.no_grad():
@@ -123,8 +131,10 @@ ZERO_GRADIENT = ('pos_proj.bias',)
 
 @pytest.mark.parametrize('mode', karat.MODES)
 @pytest.mark.parametrize('attn', ['softmax', 'fourier'])
-@pytest.mark.parametrize('name', [m for m in models.list_models() if not m.startswith('vitdet')])  # detectors: test_detection.py
-def test_every_model_runs_forward_and_backward_with_gradients_reaching_every_parameter(name, attn, mode):
+# detectors: test_detection.py
+@pytest.mark.parametrize('name', [m for m in models.list_models() if not m.startswith('vitdet')])
+def test_every_model_runs_forward_and_backward_with_gradients_reaching_every_parameter(
+        name, attn, mode):
     model = small(name, attn, mode=mode)
     loss = torch.nn.functional.cross_entropy(model(images()), torch.tensor([1, 7]))
     loss.backward()
@@ -146,8 +156,8 @@ def torchvision_shift_mask(size, window, shift):
 
 @pytest.mark.parametrize('attn', karat.ATTENTIONS)
 def test_swin_shifted_windows_give_masked_keys_exactly_zero_weight(attn):
-    model = models.create_model('swin_t', attn=attn, num_classes=10, img_size=IMG, patch_size=4, embed_dim=16,
-                                depth=(2,), num_heads=(2,), window_size=4, rank=8)
+    model = models.create_model('swin_t', attn=attn, num_classes=10, img_size=IMG, patch_size=4,
+                                embed_dim=16, depth=(2,), num_heads=(2,), window_size=4, rank=8)
     shifted = model.stages[0][1].attn
     assert (shifted.window, shifted.shift) == (4, 2)
     allowed = torchvision_shift_mask(8, 4, 2).repeat(2, 1, 1)  # 4 windows of 16 tokens, 2 images
@@ -164,8 +174,10 @@ def test_swin_universal_mode_shares_one_operator_set_per_stage():
     operators = lambda m: [[b.attn.attend.operator for b in blocks(stage)] for stage in m.stages]
     stages = operators(universal)
     assert all(op is ops[0] for ops in stages for op in ops)
-    assert len({id(ops[0]) for ops in stages}) == len(stages)  # heads, and so operators, differ per stage
-    assert len({id(op) for ops in operators(blockwise) for op in ops}) == sum(SMALL['swin_t']['depth'])
+    # heads, and so operators, differ per stage
+    assert len({id(ops[0]) for ops in stages}) == len(stages)
+    assert (len({id(op) for ops in operators(blockwise) for op in ops})
+            == sum(SMALL['swin_t']['depth']))
 
 
 def test_vit_and_convit_universal_mode_shares_parameters_across_blocks_and_blockwise_does_not():
@@ -201,7 +213,8 @@ def test_gpsa_mixes_content_and_position_with_gate_sigmoid_one_and_no_row_normal
     assert torch.allclose(rows, torch.ones_like(rows)) == (attn == 'softmax')
 
 
-@pytest.mark.parametrize('name, heads', [('convit_tiny', 4), ('convit_small', 9), ('convit_base', 16)])
+@pytest.mark.parametrize('name, heads',
+                         [('convit_tiny', 4), ('convit_small', 9), ('convit_base', 16)])
 def test_gpsa_positional_attention_starts_local(name, heads):
     gpsa = small(name).blocks[0].attn
     grid, k = IMG // 4, int(heads ** 0.5)
@@ -215,14 +228,16 @@ def test_gpsa_positional_attention_starts_local(name, heads):
     dim = gpsa.proj.in_features
     assert torch.equal(gpsa.qkv.weight[2 * dim:], torch.eye(dim))  # V starts as the identity
     if k % 2:  # the middle head attends most to the query's own patch
-        assert torch.equal(gpsa.positional_attention()[heads // 2].argmax(-1), torch.arange(grid ** 2))
+        assert torch.equal(gpsa.positional_attention()[heads // 2].argmax(-1),
+                           torch.arange(grid ** 2))
 
 
 # --- scale of an untrained model --------------------------------------------------------------
 
 def block_output_stds(model, x):
     stds = []
-    hooks = [b.register_forward_hook(lambda m, args, out: stds.append(out.std())) for b in blocks(model)]
+    hooks = [b.register_forward_hook(lambda m, args, out: stds.append(out.std()))
+             for b in blocks(model)]
     with torch.no_grad():
         model(x)
     for h in hooks:
@@ -242,7 +257,8 @@ def unit_gain(model):
 @pytest.mark.parametrize('init', ['standard', 'unit_gain'])
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t'])
 def test_untrained_karat_keeps_block_activations_on_the_softmax_scale(name, init):
-    # With the paper's N(0, 1) coefficients the ratio below is 14-30 (standard) and 80-430 (unit gain).
+    # With the paper's N(0, 1) coefficients the ratio below is 14-30 (standard) and 80-430
+    # (unit gain).
     softmax = small(name)
     if init == 'unit_gain':
         unit_gain(softmax)
@@ -259,16 +275,20 @@ def test_untrained_karat_keeps_block_activations_on_the_softmax_scale(name, init
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t'])
 def test_an_image_of_another_size_raises_naming_the_expected_size(name):
     model = small(name, 'fourier')
-    with pytest.raises(ValueError, match=r'expected images of shape \(batch, 3, 32, 32\), got \(2, 3, 48, 48\)'):
+    with pytest.raises(ValueError, match=r'expected images of shape \(batch, 3, 32, 32\), '
+                                         r'got \(2, 3, 48, 48\)'):
         model(torch.randn(2, 3, 48, 48))
 
 
 def test_unknown_names_and_options_raise_listing_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown model 'vit_huge'; allowed: convit_base, .*, vit_tiny"):
+    with pytest.raises(ValueError, match="unknown model 'vit_huge'; "
+                                         "allowed: convit_base, .*, vit_tiny"):
         models.create_model('vit_huge')
-    with pytest.raises(ValueError, match="unknown attention 'fourrier'; allowed: softmax, fourier, bspline"):
+    with pytest.raises(ValueError, match="unknown attention 'fourrier'; "
+                                         "allowed: softmax, fourier, bspline"):
         models.create_model('swin_t', attn='fourrier')
-    with pytest.raises(ValueError, match="unknown option.* window_size for vit_tiny; allowed: mode, .*drop_path_rate"):
+    with pytest.raises(ValueError, match="unknown option.* window_size for vit_tiny; "
+                                         "allowed: mode, .*drop_path_rate"):
         models.create_model('vit_tiny', window_size=7)
     with pytest.raises(ValueError, match='per-stage sequences'):
         models.create_model('swin_t', depth=12)
@@ -279,8 +299,9 @@ def test_unknown_names_and_options_raise_listing_the_valid_ones():
 @pytest.mark.parametrize('num_classes', [0, -3, 2.5, True])
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t', 'vitdet_tiny'])
 def test_a_number_of_classes_below_one_is_refused_naming_the_allowed_values(name, num_classes):
-    with torch.device('meta'), pytest.raises(ValueError, match=f'num_classes must be an integer >= 1.*'
-                                                                f'got {num_classes!r}'):
+    with torch.device('meta'), pytest.raises(ValueError,
+                                             match=f'num_classes must be an integer >= 1.*'
+                                                   f'got {num_classes!r}'):
         models.create_model(name, num_classes=num_classes)
 
 
@@ -300,4 +321,5 @@ def test_every_attention_block_has_a_hookable_attend_module():
         model = small(name, 'fourier')
         with models.capture_attention(model) as maps:
             model(images())
-        assert sorted(maps) == sorted(f'{n}.attn.attend' for n, m in model.named_modules() if isinstance(m, models.Block))
+        assert sorted(maps) == sorted(f'{n}.attn.attend' for n, m in model.named_modules()
+                                      if isinstance(m, models.Block))

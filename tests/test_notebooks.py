@@ -25,7 +25,8 @@ def test_notebook_is_committed_without_outputs(path):
 @pytest.mark.parametrize('path', NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_and_its_assertions_hold(path, monkeypatch, tmp_path):
     monkeypatch.setenv('KARAT_SMOKE', '1')
-    monkeypatch.setenv('KARAT_RUNS', str(tmp_path))  # training runs write here, not into the checkout
+    # training runs write here, not into the checkout
+    monkeypatch.setenv('KARAT_RUNS', str(tmp_path))
     nb = nbformat.read(path, as_version=4)
     NotebookClient(nb, timeout=600, kernel_name='python3',
                    resources={'metadata': {'path': str(path.parent)}}).execute()

@@ -26,7 +26,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
 
 
 def python(*args, **kw):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300, **kw)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300, **kw)
 
 
 def log(out):
@@ -46,8 +47,8 @@ def fails(argv, capsys):
 # Learning -------------------------------------------------------------------------------------
 
 def test_a_short_run_learns_digits_far_above_chance(tmp_path):
-    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '2', '--batch-size', '64', '--lr', '1e-3',
-                       '--warmup-epochs', '1', '--output-dir', str(tmp_path)])
+    train.main(TINY + ['--attn', 'fourier', '--depth', '2', '--epochs', '2', '--batch-size', '64',
+                       '--lr', '1e-3', '--warmup-epochs', '1', '--output-dir', str(tmp_path)])
     rows = log(tmp_path)
     assert [r['epoch'] for r in rows] == [1, 2]
     assert rows[-1]['test_acc1'] >= 75  # chance is 10%; 90% here
@@ -63,8 +64,9 @@ def colour_coded(n, size=8):
     return images + np.random.default_rng(0).integers(0, 40, images.shape, dtype=np.uint8), labels
 
 
-FAST_RECIPE = ['--epochs', '4', '--warmup-epochs', '0', '--lr', '2e-3', '--batch-size', '16', '--augment', 'light',
-               '--mixup', '0', '--cutmix', '0', '--ema', '0', '--workers', '0', '--depth', '1', '--attn', 'fourier']
+FAST_RECIPE = ['--epochs', '4', '--warmup-epochs', '0', '--lr', '2e-3', '--batch-size', '16',
+               '--augment', 'light', '--mixup', '0', '--cutmix', '0', '--ema', '0',
+               '--workers', '0', '--depth', '1', '--attn', 'fourier']
 
 
 def test_cifar10_from_its_own_pickle_format(tmp_path, monkeypatch):
@@ -74,10 +76,13 @@ def test_cifar10_from_its_own_pickle_format(tmp_path, monkeypatch):
         images, labels = colour_coded(24, size=32)  # CIFAR's own size; the run resizes to 8
         batch = {'data': images.transpose(0, 3, 1, 2).reshape(24, -1), 'labels': labels.tolist()}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    (folder / 'batches.meta').write_bytes(pickle.dumps({'label_names': [f'c{i}' for i in range(10)]}, protocol=2))
+    (folder / 'batches.meta').write_bytes(
+        pickle.dumps({'label_names': [f'c{i}' for i in range(10)]}, protocol=2))
     # our files are real CIFAR pickles but not the published ones, whose md5 torchvision checks
-    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda path, md5=None: Path(path).is_file())
-    train.main(TINY + FAST_RECIPE + ['--dataset', 'cifar10', '--data-path', str(tmp_path), '--output-dir', str(tmp_path / 'run')])
+    monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity',
+                        lambda path, md5=None: Path(path).is_file())
+    train.main(TINY + FAST_RECIPE + ['--dataset', 'cifar10', '--data-path', str(tmp_path),
+                                     '--output-dir', str(tmp_path / 'run')])
     assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
 
 
@@ -92,7 +97,8 @@ def png_tree(root, n=18):
 
 def test_image_folder_tree_of_pngs(tmp_path):
     tree = png_tree(tmp_path / 'tree')
-    train.main(TINY + FAST_RECIPE + ['--dataset', 'folder', '--data-path', str(tree), '--output-dir', str(tmp_path / 'run')])
+    train.main(TINY + FAST_RECIPE + ['--dataset', 'folder', '--data-path', str(tree),
+                                     '--output-dir', str(tmp_path / 'run')])
     assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
     assert torch.load(tmp_path / 'run' / 'last.pt', weights_only=True)['config']['num_classes'] == 3
 
@@ -101,9 +107,9 @@ def test_image_folder_tree_of_pngs(tmp_path):
 
 # Augmentation, Mixup/CutMix, drop-path, EMA and a loader worker all draw random numbers,
 # so an exact resume has to restore or replay every one of them.
-RESUMABLE = TINY + ['--attn', 'fourier', '--depth', '2', '--limit', '192', '--epochs', '3', '--batch-size', '32',
-                    '--augment', 'paper', '--mixup', '0.8', '--cutmix', '1.0', '--ema', '0.9',
-                    '--drop-path', '0.1', '--workers', '1']
+RESUMABLE = TINY + ['--attn', 'fourier', '--depth', '2', '--limit', '192', '--epochs', '3',
+                    '--batch-size', '32', '--augment', 'paper', '--mixup', '0.8', '--cutmix', '1.0',
+                    '--ema', '0.9', '--drop-path', '0.1', '--workers', '1']
 
 DIE_AFTER_SAVE = """
 import os, signal, sys, train
@@ -194,13 +200,15 @@ def test_loading_never_runs_code_carried_by_a_checkpoint(tmp_path, capsys):
 @pytest.fixture(scope='module')
 def softmax_checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp('softmax')
-    train.main(TINY + ['--attn', 'softmax', '--depth', '1', '--limit', '64', '--epochs', '1', '--output-dir', str(out)])
+    train.main(TINY + ['--attn', 'softmax', '--depth', '1', '--limit', '64', '--epochs', '1',
+                       '--output-dir', str(out)])
     return out / 'last.pt'
 
 
 def test_finetune_keeps_the_body_and_builds_a_new_head(tmp_path, softmax_checkpoint):
     tree = png_tree(tmp_path / 'tree')
-    args = train.parse_args(TINY + ['--attn', 'softmax', '--depth', '1', '--dataset', 'folder', '--data-path', str(tree)])
+    args = train.parse_args(TINY + ['--attn', 'softmax', '--depth', '1', '--dataset', 'folder',
+                                    '--data-path', str(tree)])
     model = train.build_model(train.model_config(args, 3))
     fresh_head = model.head.weight.clone()
     train.finetune_from(model, softmax_checkpoint)
@@ -211,13 +219,15 @@ def test_finetune_keeps_the_body_and_builds_a_new_head(tmp_path, softmax_checkpo
         else:
             assert torch.equal(value, source[key]), key
     assert torch.equal(model.head.weight, fresh_head)
-    train.main(TINY + FAST_RECIPE + ['--attn', 'softmax', '--dataset', 'folder', '--data-path', str(tree),
-                                     '--finetune', str(softmax_checkpoint), '--output-dir', str(tmp_path / 'run')])
+    train.main(TINY + FAST_RECIPE + ['--attn', 'softmax', '--dataset', 'folder', '--data-path',
+                                     str(tree), '--finetune', str(softmax_checkpoint),
+                                     '--output-dir', str(tmp_path / 'run')])
     assert log(tmp_path / 'run')[-1]['test_acc1'] == 100
 
 
 def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_checkpoint):
-    args = train.parse_args(['--attn', 'softmax', '--depth', '1', '--img-size', '16', '--patch-size', '2'])
+    args = train.parse_args(['--attn', 'softmax', '--depth', '1', '--img-size', '16',
+                             '--patch-size', '2'])
     model = train.build_model(train.model_config(args, 10))
     train.finetune_from(model, softmax_checkpoint)
     source = torch.load(softmax_checkpoint, weights_only=True)['model']['pos_embed']
@@ -241,9 +251,11 @@ def test_on_a_cpu_a_freed_tensor_is_reused_without_page_faults():
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
-    args = train.parse_args(['--lr', '1e-3', '--warmup-lr', '1e-6', '--min-lr', '1e-5', '--warmup-epochs', '2', '--epochs', '10'])
+    args = train.parse_args(['--lr', '1e-3', '--warmup-lr', '1e-6', '--min-lr', '1e-5',
+                             '--warmup-epochs', '2', '--epochs', '10'])
     lr = lambda step: train.learning_rate(step, args, steps_per_epoch=5)
-    assert lr(0) == 1e-6 and lr(5) == pytest.approx((1e-6 + 1e-3) / 2) and lr(10) == pytest.approx(1e-3)
+    assert (lr(0) == 1e-6 and lr(5) == pytest.approx((1e-6 + 1e-3) / 2)
+            and lr(10) == pytest.approx(1e-3))
     assert lr(30) == pytest.approx((1e-3 + 1e-5) / 2)  # halfway through the cosine
     assert lr(50) == pytest.approx(1e-5)
 
@@ -251,12 +263,14 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_min_lr():
 # Distributed ----------------------------------------------------------------------------------
 
 def test_torchrun_two_processes_on_gloo_reduce_evaluation_exactly(tmp_path):
-    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py', *TINY,
-                 '--depth', '1', '--limit', '256', '--epochs', '2', '--output-dir', str(tmp_path))
+    run = python('-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train.py',
+                 *TINY, '--depth', '1', '--limit', '256', '--epochs', '2',
+                 '--output-dir', str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert json.loads((tmp_path / 'args.json').read_text())['world_size'] == 2
     assert [r['epoch'] for r in log(tmp_path)] == [1, 2]
-    alone = python('train.py', *TINY, '--limit', '256', '--eval-only', '--resume', str(tmp_path / 'last.pt'))
+    alone = python('train.py', *TINY, '--limit', '256', '--eval-only',
+                   '--resume', str(tmp_path / 'last.pt'))
     assert alone.returncode == 0, alone.stderr
     # one process over all 256 test images scores exactly what the two ranks summed
     result = json.loads(alone.stdout.strip().splitlines()[-1])
@@ -270,7 +284,8 @@ def test_a_non_finite_loss_stops_at_a_named_step_and_keeps_the_last_checkpoint(t
     base = TINY + ['--depth', '1', '--limit', '128', '--output-dir', str(tmp_path)]
     train.main(base + ['--epochs', '1'])
     before = (tmp_path / 'last.pt').read_bytes()
-    err = fails(base + ['--epochs', '2', '--lr', '1e12', '--warmup-epochs', '0', '--resume', str(tmp_path / 'last.pt')], capsys)
+    err = fails(base + ['--epochs', '2', '--lr', '1e12', '--warmup-epochs', '0',
+                        '--resume', str(tmp_path / 'last.pt')], capsys)
     assert 'non-finite' in err and 'at step' in err
     assert (tmp_path / 'last.pt').read_bytes() == before
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
@@ -283,25 +298,30 @@ def write(path, data):
 
 @pytest.mark.parametrize('case', ['missing dataset', 'keep head without finetune',
                                   'garbage checkpoint', 'truncated checkpoint',
-                                  'another architecture', 'other classes', 'unknown model', 'unknown attention',
-                                  'image not a multiple of the patch', 'rank zero', 'no folder tree',
-                                  'patch size zero', 'batch size zero', 'negative lr', 'negative workers', 'no epochs',
-                                  'no blocks', 'impossible model before the data', 'output under a file',
-                                  'softmax with grid zero'])
+                                  'another architecture', 'other classes', 'unknown model',
+                                  'unknown attention', 'image not a multiple of the patch',
+                                  'rank zero', 'no folder tree', 'patch size zero',
+                                  'batch size zero', 'negative lr', 'negative workers',
+                                  'no epochs', 'no blocks', 'impossible model before the data',
+                                  'output under a file', 'softmax with grid zero'])
 def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softmax_checkpoint):
     full = softmax_checkpoint.read_bytes()
     argv, expect = {
         'missing dataset': (['--dataset', 'cifar10', '--data-path', str(tmp_path)], '--download'),
         'keep head without finetune': (['--keep-head'], '--keep-head'),
-        'garbage checkpoint': (['--resume', write(tmp_path / 'g.pt', b'not a checkpoint' * 9)], 'cannot load'),
-        'truncated checkpoint': (['--resume', write(tmp_path / 't.pt', full[: len(full) // 2])], 'cannot load'),
+        'garbage checkpoint': (['--resume', write(tmp_path / 'g.pt', b'not a checkpoint' * 9)],
+                               'cannot load'),
+        'truncated checkpoint': (['--resume', write(tmp_path / 't.pt', full[: len(full) // 2])],
+                                 'cannot load'),
         'another architecture': (['--depth', '2', '--finetune', str(softmax_checkpoint)],
                                  'it lacks blocks.1.'),
-        'other classes': (['--dataset', 'folder', '--data-path', str(png_tree(tmp_path / 'tree', 6)),
+        'other classes': (['--dataset', 'folder',
+                           '--data-path', str(png_tree(tmp_path / 'tree', 6)),
                            '--resume', str(softmax_checkpoint)], '--finetune'),
         'unknown model': (['--model', 'vit_huge'], 'vit_huge'),
         'unknown attention': (['--attn', 'sigmoid'], 'sigmoid'),
-        'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'], 'multiple'),
+        'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'],
+                                              'multiple'),
         'rank zero': (['--rank', '0'], 'rank'),
         'no folder tree': (['--dataset', 'imagenet', '--data-path', str(tmp_path)], 'train'),
         'patch size zero': (['--patch-size', '0'], '--patch-size'),
@@ -312,16 +332,19 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
         'no blocks': (['--depth', '0'], '--depth'),
         'impossible model before the data': (['--dataset', 'cifar10', '--data-path', str(tmp_path),
                                               '--img-size', '30', '--patch-size', '4'], 'multiple'),
-        'output under a file': (['--output-dir', write(tmp_path / 'file', b'') + '/run'], 'cannot write'),
+        'output under a file': (['--output-dir', write(tmp_path / 'file', b'') + '/run'],
+                                'cannot write'),
         'softmax with grid zero': (['--attn', 'softmax', '--grid', '0'], 'grid size G'),
     }[case]
-    assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv, capsys)
+    assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv,
+                           capsys)
 
 
 def test_cli_failure_has_no_traceback():
     done = python('train.py', '--dataset', 'svhn', '--data-path', '/nonexistent')
     assert done.returncode != 0
-    assert done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr and '--download' in done.stderr
+    assert (done.stderr.count('\n') == 1 and 'Traceback' not in done.stderr
+            and '--download' in done.stderr)
 
 
 # Runs are protected --------------------------------------------------------------------------
@@ -354,7 +377,8 @@ def test_a_folder_holding_a_run_is_never_overwritten_unless_asked(tmp_path):
 def test_resume_refuses_a_model_flag_that_differs_from_the_checkpoint(tmp_path):
     train.main(QUICK + ['--output-dir', str(tmp_path)])
     before = fingerprint(tmp_path)
-    err = refused(*QUICK, '--attn', 'softmax', '--epochs', '2', '--resume', str(tmp_path / 'last.pt'))
+    err = refused(*QUICK, '--attn', 'softmax', '--epochs', '2',
+                  '--resume', str(tmp_path / 'last.pt'))
     assert '--attn softmax' in err and 'fourier' in err
     assert fingerprint(tmp_path) == before
 
@@ -363,8 +387,8 @@ def test_resume_refuses_a_model_flag_that_differs_from_the_checkpoint(tmp_path):
 def test_resume_alone_continues_the_run_with_its_own_recipe_and_data(tmp_path, capsys):
     # flags alone, the resumed run would train vit_tiny's digits recipe (lr 5e-4 on digits)
     first = ['--model', 'vit_tiny', '--embed-dim', '96', '--depth', '1', '--dataset', 'fake',
-             '--img-size', '8', '--patch-size', '2', '--limit', '64', '--epochs', '1', '--seed', '3',
-             '--device', 'cpu', '--output-dir', str(tmp_path)]
+             '--img-size', '8', '--patch-size', '2', '--limit', '64', '--epochs', '1',
+             '--seed', '3', '--device', 'cpu', '--output-dir', str(tmp_path)]
     train.main(first)
     ran = json.loads((tmp_path / 'args.json').read_text())
     assert ran['lr'] != pytest.approx(5e-4) and ran['dataset'] == 'fake'
@@ -376,13 +400,16 @@ def test_resume_alone_continues_the_run_with_its_own_recipe_and_data(tmp_path, c
         {k: ran[k] for k in ('lr', 'dataset', 'seed', 'limit', 'batch_size')}
     assert resumed['epochs'] == 2 and [row['epoch'] for row in log(tmp_path)] == [1, 2]
 
-INTERRUPT_AFTER_SAVE = DIE_AFTER_SAVE.replace("os.kill(os.getpid(), signal.SIGKILL)", "raise KeyboardInterrupt")
+INTERRUPT_AFTER_SAVE = DIE_AFTER_SAVE.replace("os.kill(os.getpid(), signal.SIGKILL)",
+                                              "raise KeyboardInterrupt")
 
 
 def test_ctrl_c_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
-    done = python('-c', INTERRUPT_AFTER_SAVE, *QUICK, '--epochs', '2', '--output-dir', str(tmp_path))
+    done = python('-c', INTERRUPT_AFTER_SAVE, *QUICK, '--epochs', '2',
+                  '--output-dir', str(tmp_path))
     assert done.returncode == 130
-    assert done.stderr.count('\n') == 1 and 'interrupted' in done.stderr and 'Traceback' not in done.stderr
+    assert (done.stderr.count('\n') == 1 and 'interrupted' in done.stderr
+            and 'Traceback' not in done.stderr)
     assert torch.load(tmp_path / 'last.pt', weights_only=True)['epoch'] == 1
 
 
@@ -441,7 +468,8 @@ def test_each_run_draws_its_curves_and_curves_py_overlays_runs(tmp_path):
     for attn in ('softmax', 'fourier'):
         train.main(QUICK + ['--attn', attn, '--output-dir', str(tmp_path / attn)])
         assert (tmp_path / attn / 'curves.png').read_bytes()[:8] == png
-    done = python('curves.py', str(tmp_path / 'softmax'), str(tmp_path / 'fourier'), '-o', str(tmp_path / 'both.png'))
+    done = python('curves.py', str(tmp_path / 'softmax'), str(tmp_path / 'fourier'),
+                  '-o', str(tmp_path / 'both.png'))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / 'both.png').read_bytes()[:8] == png
 
@@ -450,15 +478,16 @@ def test_each_run_draws_its_curves_and_curves_py_overlays_runs(tmp_path):
 def test_an_unreadable_image_stops_the_run_with_its_file_name(tmp_path, workers):
     tree = png_tree(tmp_path / 'tree', n=6)
     (tree / 'train' / 'class0' / 'broken.jpg').write_bytes(b'not a jpeg at all')
-    err = refused(*TINY, *FAST_RECIPE, '--dataset', 'folder', '--data-path', str(tree), '--workers', workers,
-                  '--output-dir', str(tmp_path / 'run'))
+    err = refused(*TINY, *FAST_RECIPE, '--dataset', 'folder', '--data-path', str(tree),
+                  '--workers', workers, '--output-dir', str(tmp_path / 'run'))
     assert 'broken.jpg' in err
 
 
 # The offline default ----------------------------------------------------------------------------
 
 def test_without_a_dataset_the_first_line_says_what_data_was_chosen(tmp_path, capsys):
-    train.main(['--depth', '1', '--limit', '64', '--epochs', '1', '--device', 'cpu', '--output-dir', str(tmp_path)])
+    train.main(['--depth', '1', '--limit', '64', '--epochs', '1', '--device', 'cpu',
+                '--output-dir', str(tmp_path)])
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith('no --dataset given: digits, 8x8 px, patch 2, 1 epochs, lr 0.0005')
     assert train.chosen(train.parse_args(['--model', 'swin_t'])) == \
