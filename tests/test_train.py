@@ -236,9 +236,9 @@ def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_ch
 
 
 def test_on_a_cpu_a_freed_tensor_is_reused_without_page_faults():
-    """train.py's allocator settings (glibc): once the heap has settled (a few steps), the
+    """train.py's allocator settings (glibc): once three tensors have settled the heap, the
     16 MiB of a freed tensor serve the next one, whose fill then faults in almost no new pages
-    (4,096 if they were mapped afresh, as they are step after step with glibc's defaults)."""
+    (4,096 if they were mapped afresh, as they are again and again with glibc's defaults)."""
     if not train.reuse_freed_memory():
         pytest.skip('not glibc')
 
