@@ -40,23 +40,26 @@ SPLINE_RANGE = (-4.0, 4.0)  # grid of `bspline` and centres of `gaussian`: logit
 # trained ViT mostly lie within ±4; beyond it a spline extrapolates as a constant.
 
 
-def fourier(x, G):
+def fourier(x, G, out=None):
     """[cos(m x)]_{m=1..G} ++ [sin(m x)]_{m=1..G}: 2G maps from one cos x and one sin x, the
     rest by one fused multiply-add each (cheaper than a sin or a cos): cos((m+1)x) = cos((m-1)x)
     - 2 sin x sin(mx), sin((m+1)x) = sin((m-1)x) + 2 sin x cos(mx), from cos 0 = 1 and sin 0 = 0
-    as tensors on x's device (addcmul's operands)."""
-    cos, sin = [x.new_ones(()), torch.cos(x)], [x.new_zeros(()), torch.sin(x)]
+    as tensors on x's device (addcmul's operands). `out`, a (2G, *x.shape) tensor, receives the
+    maps in that order (no autograd through it): a fast path's one operand for all of them."""
+    at = lambda m: None if out is None else out[m]
+    cos = [x.new_ones(()), torch.cos(x, out=at(0))]
+    sin = [x.new_zeros(()), torch.sin(x, out=at(G))]
     for m in range(1, G):
-        cos.append(torch.addcmul(cos[m - 1], sin[1], sin[m], value=-2))
-        sin.append(torch.addcmul(sin[m - 1], sin[1], cos[m], value=2))
+        cos.append(torch.addcmul(cos[m - 1], sin[1], sin[m], value=-2, out=at(m)))
+        sin.append(torch.addcmul(sin[m - 1], sin[1], cos[m], value=2, out=at(G + m)))
     return cos[1:] + sin[1:]
 
 
-def fourier_vjp(x, G, grad):
-    """fourier(x, G) and Σ_m g_m B_m'(x), g_m = grad(m), by d cos(mx) = -m sin(mx), d sin(mx) =
-    m cos(mx): the maps are reused (autograd would evaluate sin and cos again), and each g_m is
+def fourier_vjp(x, G, grad, out=None):
+    """fourier(x, G, out) and Σ_m g_m B_m'(x), g_m = grad(m), by d cos(mx) = -m sin(mx), d sin(mx)
+    = m cos(mx): the maps are reused (autograd would evaluate sin and cos again), and each g_m is
     made when it is used, so one lives at a time."""
-    maps = fourier(x, G)
+    maps = fourier(x, G, out)
     cos, sin = maps[:G], maps[G:]
     dx = (cos[0] * grad(G)).addcmul_(sin[0], grad(0), value=-1)  # m = 1
     for m in range(2, G + 1):
@@ -155,8 +158,9 @@ class Basis:
 
     Expansion families, φ(x) = Σ_m c_m B_m(x), linear in the coefficients:
         maps(x, G) -> the size(G) maps B_m(x); gain(G) scales N(0, 1) coefficients so that
-        φ has unit variance; vjp(x, G, grad) -> (maps, Σ_m grad(m) B_m'(x)), a closed-form
-        derivative where one beats autograd (optional).
+        φ has unit variance; vjp(x, G, grad, out=None) -> (maps, Σ_m grad(m) B_m'(x)), a
+        closed-form derivative where one beats autograd, the maps written into `out` (one
+        (size, *x.shape) tensor) when given (optional).
     Unit families, with per-unit parameters:
         unit(x, params) -> φ(x), the parameters broadcast against x; init(shape, std) -> the
         parameters of `shape` units, each with output standard deviation ~std."""

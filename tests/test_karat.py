@@ -38,6 +38,9 @@ def test_fourier_recurrence_equals_cos_and_sin_of_every_multiple():
     m = torch.arange(1, 6)
     expected = torch.cat([torch.cos(m * x[:, None]), torch.sin(m * x[:, None])], -1)
     torch.testing.assert_close(torch.stack(karat.fourier(x, 5), -1), expected)
+    out = torch.empty(10, len(x))  # the fast path's form: every map written into one tensor
+    karat.fourier(x, 5, out)
+    torch.testing.assert_close(out.T, expected)
 
 
 def test_cubic_bspline_takes_its_knot_values():
