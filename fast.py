@@ -116,11 +116,16 @@ def padded(X):
     return X.contiguous()
 
 
+def closed_form(basis, base):
+    """Whether the maps' derivative comes in closed form (`Basis.vjp`, no base activation),
+    the maps written straight into one tensor rather than stacked."""
+    return basis.vjp is not None and base == 'zero'
+
+
 def maps_and_grad(S, basis, G, base, grad):
-    """The maps B_m(S) of a tile as one tensor F (m, *S.shape), and dS = Σ_m grad(m) B_m'(S). A
-    basis with a closed-form derivative writes its maps straight into F; the others' are stacked
-    (a copy)."""
-    if basis.vjp is not None and base == 'zero':
+    """The maps B_m(S) of a tile as one tensor F (m, *S.shape), and dS = Σ_m grad(m) B_m'(S):
+    written straight into F where the derivative is in closed form, else stacked (a copy)."""
+    if closed_form(basis, base):
         F = S.new_empty(basis.size(G), *S.shape)
         return F, basis.vjp(S, G, grad, out=F)[1]
     with torch.enable_grad():
@@ -202,7 +207,7 @@ def rows_expansion(q, k, bias, mask, X, scale, basis, G, base, elements):
     """The primitive in PyTorch, tile by tile: a head and a chunk of its query rows. X: (b|1, h,
     m, j, e). A tile's backward holds its m maps, S, dS and one dY X_m^T: m + 3 values per
     logit (2m + 3 where the maps are stacked), at most `elements`."""
-    maps = X.shape[2] * (1 if basis.vjp is not None and base == 'zero' else 2)
+    maps = X.shape[2] * (1 if closed_form(basis, base) else 2)
     per_row = q.shape[0] * k.shape[2] * (maps + 3)
     rows = row_chunks(q.shape[2], elements, per_row)
     return RecomputedExpansion.apply(q, k, bias, mask, X, scale, basis, G, base, rows)
