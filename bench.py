@@ -37,9 +37,10 @@ import torch.nn.functional as F
 
 import detection
 import karat
-from train import (DATASETS, M_MMAP_THRESHOLD, Fatal, Parser, apply_recipe, attention_options,
-                   autocast, build_model, ints, model_arguments, model_config, optimizer_for,
-                   positive, reuse_freed_memory)
+import models
+from cli import (M_MMAP_THRESHOLD, Fatal, Parser, attention_options, autocast, build_model, ints,
+                 model_arguments, model_config, optimizer_for, positive, reuse_freed_memory, say)
+from data import DATASETS, apply_recipe
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
 # 'triton'); a new way of computing the same model is one more entry here.
@@ -180,7 +181,8 @@ def attention_step(args, path, device, cuda):
     b, h, N, d = args.call
     flags = argparse.Namespace(**vars(args) | PATHS[path])
     torch.manual_seed(args.seed)
-    attend = karat.attention_maker(flags.attn, **attention_options(flags))(h, N).to(device)
+    attention, compute = models.attention_configs(flags.attn, attention_options(flags))
+    attend = karat.attention_maker(attention, compute=compute)(h, N).to(device)
     dtype = torch.bfloat16 if args.amp else torch.float32
     q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -321,7 +323,7 @@ def main(argv=None):
         args = parse_args(argv)
         count_ops(args) if args.ops else benchmark(args)
     except Fatal as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        say(f"bench.py: error: {e}")
         sys.exit(e.code)
 
 

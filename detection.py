@@ -1,4 +1,12 @@
-"""Detection data and COCO evaluation for train.py's vitdet_* models (ViTDet + Mask R-CNN).
+"""Detection and instance segmentation: the ViTDet detector, its data and COCO evaluation.
+
+    detector = create_detector('vitdet_tiny', attn='fourier')   # 4 classes, background included
+
+ViTDet (Li et al. 2022, "Exploring plain vision transformer backbones for object detection")
+is a plain ViT without CLS token, built from models.py's pieces, whose blocks attend within
+windows, a few of them globally; a simple feature pyramid built from its single stride-16 map;
+and torchvision's Mask R-CNN on top. As in torchvision, num_classes counts the background as
+class 0 (COCO: 91, category ids used as labels).
 
 A batch is a pair of lists, images (3, H, W) in [0, 1] and targets {boxes (k, 4) xyxy, labels
 (k,), masks (k, H, W) uint8, image_id}, as torchvision's Mask R-CNN takes them. Two datasets:
@@ -9,15 +17,193 @@ and rank 0 scores them all, so the AP is the one a single process would compute.
 """
 import contextlib
 import io
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.transforms import v2
+
+import models
+
+
+# The detector ---------------------------------------------------------------------------------
+
+def create_detector(name, *, attn='softmax', num_classes=None, img_size=None, **options):
+    """A detector of `DETECTORS` by name, with the keywords of models.create_model: attention
+    options, and architecture overrides (ViTDet's arguments); num_classes and img_size default
+    to the detector's own."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; allowed: {', '.join(sorted(DETECTORS))}")
+    return models.build(name, *DETECTORS[name], attn, num_classes, img_size, options)
+
+
+class ViTDetAttention(models.Attention):
+    """Attention within non-overlapping window x window windows of a size x size map of tokens
+    (b, H, W, c); window = size is global attention. N = window² keys per window.
+
+    A map that the window does not divide is zero-padded at the bottom and right, as ViTDet
+    does (64 tokens, windows of 14 at 1024 px). ViTDet lets the padding tokens be attended to;
+    here they are masked, since a learnable φ would give them arbitrary (not ~0) weight."""
+
+    def __init__(self, dim, heads, size, window, make_attend):
+        super().__init__(dim, heads, window ** 2, make_attend)
+        self.size, self.window, self.pad = size, window, -size % window
+        self.register_buffer('mask', padding_mask(size, window) if self.pad else None,
+                             persistent=False)
+
+    def forward(self, x):
+        x = F.pad(x, (0, 0, 0, self.pad, 0, self.pad))
+        x = models.shifted_window_attention(x, super().forward, self.window, mask=self.mask)
+        return x[:, :self.size, :self.size]
+
+
+def padding_mask(size, window):
+    """Which keys of each window are real tokens of the size x size map padded to a multiple of
+    the window: (nW, 1, N) bool, the same for every query."""
+    real = torch.arange(size + (-size % window)) < size
+    real = rearrange(real, 'h -> h 1') & rearrange(real, 'w -> 1 w')
+    real = models.window_partition(rearrange(real, 'h w -> 1 h w 1'), window)
+    return rearrange(real, 'n j 1 -> n 1 j')
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a (b, c, h, w) map, the norm of ViTDet's pyramid."""
+
+    def forward(self, x):
+        return rearrange(super().forward(rearrange(x, 'b c h w -> b h w c')), 'b h w c -> b c h w')
+
+
+PYRAMID_SCALES = (4, 2, 1, 0.5)  # from the stride-16 map: strides 4, 8, 16, 32 ("0".."3")
+
+
+def pyramid_level(dim, out_channels, scale):
+    """One level of the simple feature pyramid: resample the backbone's map by `scale` (two
+    stride-2 deconvolutions with norm and GELU between them for x4, one for x2, max pooling for
+    1/2), then a 1x1 and a 3x3 convolution to out_channels, each followed by a norm."""
+    resample, channels = {
+        4: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
+             nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)], dim // 4),
+        2: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2),
+        1: ([], dim),
+        0.5: ([nn.MaxPool2d(2)], dim),
+    }[scale]
+    return nn.Sequential(*resample,
+                         nn.Conv2d(channels, out_channels, 1, bias=False),
+                         LayerNorm2d(out_channels),
+                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+                         LayerNorm2d(out_channels))
+
+
+class ViTDetBackbone(nn.Module):
+    """The plain ViT of ViTDet and its simple feature pyramid: (b, 3, img, img) images ->
+    OrderedDict of maps "0".."3" (strides p/4, p/2, p, 2p for patch size p) and "pool" (4p),
+    each with `out_channels` channels, as torchvision's Mask R-CNN expects.
+
+    No CLS token; a learned absolute position embedding at the detector's grid of
+    (img/p)² tokens; blocks in `global_blocks` attend over the whole map (N = grid²), the
+    others within window x window windows (N = window²). No final norm: the pyramid norms."""
+
+    def __init__(self, make_attend, img_size, patch_size, embed_dim, depth, num_heads, window_size,
+                 global_blocks, drop_path_rate, out_channels):
+        super().__init__()
+        models.check_arch(img_size, patch_size, embed_dim, num_heads)
+        self.img_size, self.grid = img_size, img_size // patch_size
+        if not 1 <= window_size <= self.grid:
+            raise ValueError(f"window_size must be in 1..{self.grid} (the token grid of img_size "
+                             f"{img_size} with patch_size {patch_size}), got {window_size}")
+        if not all(0 <= i < depth for i in global_blocks):
+            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, "
+                             f"got {tuple(global_blocks)}")
+        self.patch_embed = models.patch_embedding(3, embed_dim, patch_size)
+        self.pos_embed = models.position_embedding(self.grid ** 2, embed_dim)
+        window = lambda i: self.grid if i in global_blocks else window_size
+        rates = models.drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.ModuleList(
+            models.Block(embed_dim, ViTDetAttention(embed_dim, num_heads, self.grid, window(i),
+                                                    make_attend), p)
+            for i, p in enumerate(rates))
+        self.pyramid = nn.ModuleList(pyramid_level(embed_dim, out_channels, s)
+                                     for s in PYRAMID_SCALES)
+        self.out_channels = out_channels
+        self.apply(models.init_weights)
+
+    def forward(self, x):
+        models.check_size(x, self.img_size, 3)
+        x = rearrange(models.patch_tokens(self.patch_embed, x) + self.pos_embed,
+                      'b (h w) d -> b h w d', h=self.grid)
+        for block in self.blocks:
+            x = block(x)
+        x = rearrange(x, 'b h w d -> b d h w')
+        features = OrderedDict((str(i), level(x)) for i, level in enumerate(self.pyramid))
+        # torchvision's LastLevelMaxPool
+        features['pool'] = F.max_pool2d(features['3'], 1, stride=2)
+        return features
+
+
+class ViTDet(MaskRCNN):
+    """ViTDet: `ViTDetBackbone` under torchvision's Mask R-CNN. Train mode: model(images,
+    targets) -> dict of losses; eval mode: model(images) -> [{boxes, labels, scores, masks}].
+    images: list of (3, H, W) floats in [0, 1]; targets: [{boxes (k, 4) xyxy, labels (k,)
+    in 1..num_classes-1, masks (k, H, W)}].
+
+    KArAt needs a fixed N, so every image is resized to fit img_size x img_size (longest side
+    = img_size, min_size = max_size = img_size) and zero-padded to exactly that square
+    (size_divisible = img_size); boxes and masks come back in the input image's coordinates.
+
+    Heads: torchvision's defaults at out_channels = 256 (RPN, two-FC box head of
+    `representation_size`, four-conv mask head), with out_channels channels throughout so that
+    small variants stay small. Anchors: one size per level, `anchor_size` at the finest level,
+    doubling per level (torchvision's 32..512 by default), aspect ratios 0.5, 1, 2.
+    The RPN keeps proposals = (train, test) boxes per level before NMS and per image after it,
+    and `rois_per_image` of them train the box head (torchvision: 2000, 1000 and 512)."""
+
+    def __init__(self, make_attend, img_size=1024, num_classes=91, patch_size=16, embed_dim=768,
+                 depth=12, num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11),
+                 drop_path_rate=0.1, out_channels=256, representation_size=1024, anchor_size=32,
+                 rois_per_image=512, proposals=(2000, 1000)):
+        if num_classes < 2:
+            raise ValueError("num_classes counts the background too and must be >= 2, "
+                             f"got {num_classes}")
+        backbone = ViTDetBackbone(make_attend, img_size, patch_size, embed_dim, depth, num_heads,
+                                  window_size, tuple(global_blocks), drop_path_rate, out_channels)
+        levels = len(PYRAMID_SCALES) + 1
+        super().__init__(
+            backbone, min_size=img_size, max_size=img_size, size_divisible=img_size,
+            rpn_anchor_generator=AnchorGenerator(
+                tuple((anchor_size * 2 ** i,) for i in range(levels)),
+                ((0.5, 1.0, 2.0),) * levels),
+            box_head=TwoMLPHead(out_channels * 7 ** 2, representation_size),
+            box_predictor=FastRCNNPredictor(representation_size, num_classes),
+            rpn_pre_nms_top_n_train=proposals[0], rpn_post_nms_top_n_train=proposals[0],
+            rpn_pre_nms_top_n_test=proposals[1], rpn_post_nms_top_n_test=proposals[1],
+            box_batch_size_per_image=rois_per_image,
+            mask_head=MaskRCNNHeads(out_channels, (out_channels,) * 4, 1),
+            mask_predictor=MaskRCNNPredictor(out_channels, out_channels, num_classes))
+
+
+DETECTORS = {
+    # ViT-B at 1024 px, windows of 14 (the pretraining grid of 224 px), global blocks 2, 5, 8, 11.
+    'vitdet_base': (ViTDet, dict(embed_dim=768, depth=12, num_heads=12, window_size=14,
+                                 global_blocks=(2, 5, 8, 11), drop_path_rate=0.1, img_size=1024,
+                                 num_classes=91)),
+    # For tests and CPU demos: 8 x 8 tokens at 128 px, windows of 4 (N = 16), every second
+    # block global (N = 64), as ViT-B's every third; 64 channels, anchors from 16 px.
+    'vitdet_tiny': (ViTDet, dict(embed_dim=96, depth=4, num_heads=3, window_size=4,
+                                 global_blocks=(1, 3), drop_path_rate=0.0, img_size=128,
+                                 num_classes=4, out_channels=64, representation_size=256,
+                                 anchor_size=16, rois_per_image=64, proposals=(300, 100))),
+}
 
 
 # Data -----------------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ as in the paper's best models) plus a basis expansion with G functions ("grid si
 
 The file reads top to bottom: §1 basis families, §2 one Kolmogorov-Arnold layer over a row,
 §3 the attention operators (full, low-rank, the paper's ablations), §4 the options and the
-modules that hold the parameters and share them blockwise or universally. fast.py computes the
-same functions keeping nothing N x N for backward (kernels.py: fused Triton kernels).
+modules that hold the parameters and share them blockwise or universally. It imports nothing
+else of its project and runs when copied alone: a KArAt module computes `definition`, the
+formula differentiated by autograd, unless given another `compute`; fast.py's (which
+models.create_model uses) computes the same keeping nothing N x N for backward.
 
     attend = attention_maker('fourier', grid=3, rank=12)(heads=3, seq_len=197)
     out = attend(q, k, v)            # q, k, v: (batch, heads, tokens, dim)
@@ -208,7 +210,6 @@ ATTENTIONS = ('softmax', *BASES)
 BASE_ACTIVATIONS = {'zero': None, 'silu': F.silu, 'identity': lambda x: x, 'gelu': F.gelu}
 ORDERS = ('W_phi', 'phi_W', 'phi_phi')  # σ̂ = W Φ(A) (paper's best), Φ(W A), Φ₂(Φ₁(A))
 MODES = ('blockwise', 'universal')
-KERNELS = ('auto', 'torch', 'triton')
 
 
 def init_kan(basis, heads, n_out, n_in, G, base, std):
@@ -295,7 +296,7 @@ def karat_attention(A, V, params, config, mask=None, return_attention=False):
     elif config.order == 'W_phi':
         Z = Phi(A, params['phi'], mask)
         query_free_mask = mask is None or mask.shape[2] == 1
-        if config.efficient and query_free_mask and not (config.simplex or return_attention):
+        if query_free_mask and not (config.simplex or return_attention):
             WtV = einsum(params['W'], key_masked(V, mask), 'h j r, b h j d -> b h r d')
             return einsum(Z, WtV, 'b h i r, b h r d -> b h i d')
         S = einsum(Z, params['W'], 'b h i r, h j r -> b h i j')
@@ -321,16 +322,32 @@ def logits(q, k, bias=None, scale=None):
 # §4  Options and modules: parameters, sharing, one interface for softmax and KArAt -------
 
 def choice(default, what, allowed, help):
-    """A field naming one of `allowed`, checked by AttentionConfig as "unknown {what}"."""
+    """A field naming one of `allowed`, checked by `check_choices` as "unknown {what}"."""
     return field(default=default, metadata=dict(what=what, choices=tuple(allowed), help=help))
+
+
+def refuse(what, allowed):
+    raise ValueError(f"{what}; allowed: {allowed}")
+
+
+def check_choices(config):
+    """Refuse any `choice` field of a dataclass whose value is not among its choices."""
+    for f in fields(config):
+        value, allowed = getattr(config, f.name), f.metadata.get('choices')
+        if allowed and value not in allowed:
+            refuse(f"unknown {f.metadata['what']} {value!r}", ', '.join(allowed))
+
+
+def is_count(n):
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """What a model's attention is and how it is computed, checked once, when made. Every field
-    but attn is KArAt's; efficient=False is the naive materialised formula (tests, benchmarks).
-    The rank is capped at each operator's N, r = min(r, N): σ̂ = W Φ̂ has rank <= N whatever r,
-    and Swin's last windows hold fewer than 12 tokens at small inputs."""
+    """What a model's attention is, checked once, when made; every field but attn is KArAt's.
+    How it is computed is a KArAt module's `compute`, not an option here. The rank is capped
+    at each operator's N, r = min(r, N): σ̂ = W Φ̂ has rank <= N whatever r, and Swin's last
+    windows hold fewer than 12 tokens at small inputs."""
     attn: str = choice('softmax', 'attention', ATTENTIONS, "'softmax' or a KArAt basis")
     mode: str = choice('blockwise', 'mode', MODES, "blockwise: operators per block (GnB); "
                        "universal: one set per (heads, N) shared by all blocks (GnU)")
@@ -343,31 +360,17 @@ class AttentionConfig:
                         "σ̂ = W Φ̂(A) | Φ(W^T A) | Φ₂(Φ₁(A)) (the paper's ablations)")
     simplex: bool = field(default=False, metadata=dict(
         help='project activated rows onto the probability simplex (ablation)'))
-    efficient: bool = field(default=True, metadata=dict(
-        help='the fast paths, keeping only q, k and the bias for backward'))
-    kernel: str = choice('auto', 'kernel', KERNELS, "the fast path: torch (chunks of rows), "
-                         "triton (fused kernels, CUDA), auto (torch until measured on a GPU)")
-    chunk_elements: int | None = field(default=None, metadata=dict(
-        help="values a chunk of the PyTorch path holds (default 2^22 on a CPU, 2^28 on a GPU)"))
 
     def __post_init__(self):
-        def bad(what, allowed):
-            raise ValueError(f"{what}; allowed: {allowed}")
-        for f in fields(self):
-            value, allowed = getattr(self, f.name), f.metadata.get('choices')
-            if allowed and value not in allowed:
-                bad(f"unknown {f.metadata['what']} {value!r}", ', '.join(allowed))
-        is_count = lambda n: isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        check_choices(self)
         if not is_count(self.grid):
-            bad(f"grid size G must be an integer >= 1, got {self.grid!r}", 'G >= 1')
+            refuse(f"grid size G must be an integer >= 1, got {self.grid!r}", 'G >= 1')
         if self.rank is None and self.order != 'W_phi':
-            bad(f"order {self.order!r} needs a low-rank operator, got rank=None", 'rank 1..N')
+            refuse(f"order {self.order!r} needs a low-rank operator, got rank=None", 'rank 1..N')
         if not (self.rank is None or is_count(self.rank)):
-            bad(f"rank r must be an integer >= 1, got {self.rank!r}",
-                'r >= 1 (capped at N), or None for the full N x N operator')
-        if not (self.chunk_elements is None or is_count(self.chunk_elements)):
-            bad(f"chunk_elements must be an integer >= 1, got {self.chunk_elements!r}",
-                'an integer >= 1, or None for the device default')
+            refuse(f"rank r must be an integer >= 1, got {self.rank!r}",
+                   "r >= 1 (capped at N), or None (on the command line: --rank full) for the "
+                   "full N x N operator")
 
 
 def attention_config(attn='softmax', **options):
@@ -477,16 +480,23 @@ class Softmax(nn.Module):
         return (A if mask is None else A.masked_fill(~mask.bool(), -math.inf)).softmax(-1)
 
 
+def definition(q, k, v, bias, mask, params, config):
+    """O = σ̂(A) V by karat_attention, differentiated by autograd: it keeps the logits A and
+    the maps B_m(A) for backward, each (b h i j)."""
+    return karat_attention(logits(q, k, bias), v, params, config, mask)
+
+
 class KArAt(nn.Module):
     """Kolmogorov-Arnold attention with the interface of `Softmax`: forward(q, k, v, bias, mask).
 
     Holds a reference to an `Operator`, its own (blockwise) or shared by every block
-    (universal), so that each block keeps a hookable `attend` submodule of its own. Inputs of
-    another floating dtype than the operator's meet it in theirs, as under autocast."""
+    (universal), so that each block keeps a hookable `attend` submodule of its own. `compute`
+    is called as `definition` is, which it defaults to. Inputs of another floating dtype than
+    the operator's meet it in theirs, as under autocast."""
 
-    def __init__(self, operator):
+    def __init__(self, operator, compute=definition):
         super().__init__()
-        self.operator = operator
+        self.operator, self.compute = operator, compute
 
     def inputs(self, q, k, v, bias, mask):
         op = self.operator
@@ -498,10 +508,7 @@ class KArAt(nn.Module):
 
     def forward(self, q, k, v, bias=None, mask=None):
         bias, mask, params = self.inputs(q, k, v, bias, mask)
-        if self.operator.config.efficient:
-            from fast import fast_attention  # fast.py builds on this file: imported when used
-            return fast_attention(q, k, v, bias, mask, params, self.operator.config)
-        return karat_attention(logits(q, k, bias), v, params, self.operator.config, mask)
+        return self.compute(q, k, v, bias, mask, params, self.operator.config)
 
     def activate(self, q, k, bias=None, mask=None):
         """The activated N x N matrix σ̂ (b h i j): built only when asked for."""
@@ -510,10 +517,11 @@ class KArAt(nn.Module):
                                return_attention=True)
 
 
-def attention_maker(attn='softmax', **options):
+def attention_maker(attn='softmax', compute=definition, **options):
     """make(heads, seq_len) -> attention module, for models to call once per block: its own
     operator ('blockwise', "GnB") or the one shared per (heads, N) ('universal', "GnU").
-    attn: 'softmax' or a basis, with AttentionConfig's fields as keywords, or an AttentionConfig."""
+    attn: 'softmax' or a basis, with AttentionConfig's fields as keywords, or an AttentionConfig;
+    compute: how KArAt modules compute (see `KArAt`)."""
     config, shared = attention_config(attn, **options), {}
 
     def make(heads, seq_len):
@@ -521,5 +529,5 @@ def attention_maker(attn='softmax', **options):
             return Softmax()
         if config.mode == 'blockwise' or (heads, seq_len) not in shared:
             shared[heads, seq_len] = Operator(config, heads, seq_len)
-        return KArAt(shared[heads, seq_len])
+        return KArAt(shared[heads, seq_len], compute)
     return make

@@ -2,18 +2,18 @@
 
     model = create_model('vit_tiny', attn='fourier', num_classes=10, img_size=224)
 
-Three families, each the standard architecture with its softmax replaced by an `attend`
-module from karat.py (every attention block has one, so a forward hook can record it):
+Three families of classifiers, each the standard architecture with its softmax replaced by an
+`attend` module from karat.py (every attention block has one, so a forward hook can record it):
     ViT (DeiT)  CLS token, learned position embedding, pre-norm blocks
     ConViT      gated positional self-attention (GPSA) blocks, then MHSA blocks with the CLS token
     Swin        shifted-window attention with relative position bias, patch merging
 The softmax models have exactly the parameters of timm's DeiT/ConViT and torchvision's Swin.
+KArAt computes by fast.py's paths (`fast.Computation`'s options as keywords). The detectors
+(ViTDet) are built from these pieces in detection.py; checkpoints are read in weights.py.
 """
 import inspect
 import math
-import re
 import warnings
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 
@@ -21,11 +21,8 @@ import torch
 from einops import einsum, rearrange, repeat
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
+import fast
 import karat
 
 # Shared pieces ---------------------------------------------------------------------------
@@ -120,6 +117,16 @@ def check_arch(img_size, patch_size, embed_dim, num_heads):
         raise ValueError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
 
 
+def patch_embedding(in_chans, dim, patch_size):
+    """Non-overlapping p x p patches to dim channels: (b, c, H, W) -> (b, dim, H/p, W/p)."""
+    return nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+
+
+def position_embedding(tokens, dim):
+    """A learned absolute position embedding (1, tokens, dim), from a truncated N(0, 0.02²)."""
+    return nn.Parameter(nn.init.trunc_normal_(torch.empty(1, tokens, dim), std=0.02))
+
+
 def patch_tokens(patch_embed, x):
     return rearrange(patch_embed(x), 'b d h w -> b (h w) d')
 
@@ -136,9 +143,9 @@ class VisionTransformer(nn.Module):
         check_arch(img_size, patch_size, embed_dim, num_heads)
         self.img_size, self.in_chans = img_size, in_chans
         n = (img_size // patch_size) ** 2 + 1
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = patch_embedding(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, n, embed_dim), std=0.02))
+        self.pos_embed = position_embedding(n, embed_dim)
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             Block(embed_dim, Attention(embed_dim, num_heads, n, make_attend), p) for p in rates)
@@ -226,10 +233,9 @@ class ConViT(nn.Module):
         self.img_size, self.in_chans = img_size, in_chans
         grid = img_size // patch_size
         self.num_gpsa = max(depth - 2, 1)
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = patch_embedding(in_chans, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(
-            nn.init.trunc_normal_(torch.empty(1, grid ** 2, embed_dim), std=0.02))
+        self.pos_embed = position_embedding(grid ** 2, embed_dim)
         attention = lambda i: (
             GPSA(embed_dim, num_heads, grid, make_attend, locality_strength) if i < self.num_gpsa
             else Attention(embed_dim, num_heads, grid ** 2 + 1, make_attend, qkv_bias=False))
@@ -360,7 +366,7 @@ class SwinTransformer(nn.Module):
         for i, heads in enumerate(num_heads):
             check_arch(img_size, patch_size, embed_dim * 2 ** i, heads)
         self.img_size, self.in_chans = img_size, in_chans
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, patch_size, stride=patch_size)
+        self.patch_embed = patch_embedding(in_chans, embed_dim, patch_size)
         self.patch_norm = nn.LayerNorm(embed_dim, eps=SWIN_EPS)
         rates = iter(drop_path_rates(drop_path_rate, sum(depth)))
         size, self.windows, self.stages = img_size // patch_size, [], nn.ModuleList()
@@ -403,60 +409,81 @@ MODELS = {
     'swin_s': (SwinTransformer, dict(embed_dim=96, depth=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))),
     'swin_b': (SwinTransformer, dict(embed_dim=128, depth=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))),
 }
-ATTENTION_OPTIONS = tuple(f.name for f in fields(karat.AttentionConfig) if f.name != 'attn')
+WHAT = tuple(f.name for f in fields(karat.AttentionConfig) if f.name != 'attn')
+ATTENTION_OPTIONS = WHAT + fast.HOW  # what KArAt is, and how it is computed
 
 
 def list_models():
     return sorted(MODELS)
 
 
-def architecture_options(cls):
-    return [p for p in inspect.signature(cls).parameters
-            if p not in ('make_attend', 'img_size', 'num_classes')]
-
-
 def create_model(name, *, attn='softmax', num_classes=None, img_size=None, **options):
-    """Build a model by name with the attention `attn`: 'softmax' or a basis of karat.BASES,
-    with karat.AttentionConfig's fields as keywords (mode, grid, rank, base, order, simplex,
-    efficient, kernel, chunk_elements), or an AttentionConfig.
+    """Build a classifier by name with the attention `attn`: 'softmax' or a basis of
+    karat.BASES, with karat.AttentionConfig's fields as keywords (mode, grid, rank, base, order,
+    simplex), or an AttentionConfig; and how KArAt is computed, fast.Computation's fields
+    (efficient, kernel, chunk_elements).
 
     Architecture overrides: patch_size, embed_dim, depth, num_heads, in_chans, drop_path_rate;
     window_size for Swin (whose depth and num_heads are per-stage tuples); locality_strength
-    for ConViT. num_classes and img_size default to the model's own: 1000 and 224 for
-    classifiers, see the ViTDet section for detectors. The call's arguments are kept in
-    `model.config`: create_model(config.pop('name'), **config)."""
+    for ConViT. num_classes and img_size default to 1000 and 224. The call's arguments are kept
+    in `model.config`: create_model(config.pop('name'), **config)."""
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())}")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(list_models())} "
+                         "(detection.DETECTORS: the vitdet_* detectors)")
+    return build(name, *MODELS[name], attn, num_classes, img_size, options)
+
+
+def build(name, cls, defaults, attn, num_classes, img_size, options):
+    """create_model's work for any registry of (class, default arguments): detection.py's too."""
     # an int only: 2.0 classes would reach nn.Linear and fail there, far from the cause
     whole = isinstance(num_classes, int) and not isinstance(num_classes, bool)
     if num_classes is not None and not (whole and num_classes >= 1):
         raise ValueError("num_classes must be an integer >= 1 (the detectors count the "
                          f"background: >= 2), got {num_classes!r}")
-    cls, defaults = MODELS[name]
-    arch_options = architecture_options(cls)
+    arch_options = [p for p in inspect.signature(cls).parameters
+                    if p not in ('make_attend', 'img_size', 'num_classes')]
     unknown = set(options) - set(ATTENTION_OPTIONS) - set(arch_options)
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))} for {name}; "
                          f"allowed: {', '.join(ATTENTION_OPTIONS + tuple(arch_options))}")
-    given = {k: v for k, v in options.items() if k in ATTENTION_OPTIONS}
-    attention = karat.attention_config(attn, **given)
+    attention, compute = attention_configs(attn, options)
+    given = {k: v for k, v in options.items() if k in WHAT}
+    how = {k: v for k, v in options.items() if k in fast.HOW}
     sizes = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items()
              if v is not None}
     arch = {'num_classes': 1000, 'img_size': 224, **defaults, **sizes,
             **{k: v for k, v in options.items() if k in arch_options}}
-    model = cls(karat.attention_maker(attention), **arch)
+    model = cls(karat.attention_maker(attention, compute=compute), **arch)
     if attention.attn != 'softmax' and 1 in getattr(model, 'windows', ()):
         warnings.warn(f"{name} at {arch['img_size']} px, patch {model.patch_embed.stride[0]}: "
                       f"windows {'/'.join(map(str, model.windows))} per stage. A window of one "
                       "token leaves KArAt φ(q·k) v, a gate on a logit nothing bounds (softmax "
                       "there is v itself); choose a size whose every stage has windows of 2 or "
-                      "more (swin_t at 64 px, patch 4: 4/4/4/2)", stacklevel=2)
+                      "more (swin_t at 64 px, patch 4: 4/4/4/2)", stacklevel=3)
     if isinstance(attn, karat.AttentionConfig):  # a config records every field, as keywords
         attn, given = attention.attn, {k: v for k, v in asdict(attention).items() if k != 'attn'}
     model.config = dict(name=name, attn=attn, num_classes=arch['num_classes'],
-                        img_size=arch['img_size'], **given,
+                        img_size=arch['img_size'], **given, **how,
                         **{k: v for k, v in options.items() if k in arch_options})
     return model
+
+
+def attention_configs(attn, options):
+    """(what KArAt is, how it is computed) from create_model's `attn` and keywords: a
+    karat.AttentionConfig and a fast.Computation, each checked."""
+    pick = lambda names: {k: v for k, v in options.items() if k in names}
+    return karat.attention_config(attn, **pick(WHAT)), fast.Computation(**pick(fast.HOW))
+
+
+NO_DECAY = ('pos_embed', 'cls_token', 'relative_position')
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW's groups as DeiT's: no weight decay on biases, norms, tokens and position tables."""
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and not any(s in name for s in NO_DECAY) else rest).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 
 # Inspecting a model ----------------------------------------------------------------------
@@ -488,421 +515,3 @@ def capture_attention(model, what='activated'):
     finally:
         for h in handles:
             h.remove()
-
-
-# ViTDet ----------------------------------------------------------------------------------
-# Detection and instance segmentation (Li et al. 2022, "Exploring plain vision transformer
-# backbones for object detection"): a plain ViT without CLS token whose blocks attend within
-# windows, a few of them globally, a simple feature pyramid built from its single stride-16
-# map, and torchvision's Mask R-CNN on top. As in torchvision, num_classes counts the
-# background as class 0 (COCO: 91, category ids used as labels).
-
-class ViTDetAttention(Attention):
-    """Attention within non-overlapping window x window windows of a size x size map of tokens
-    (b, H, W, c); window = size is global attention. N = window² keys per window.
-
-    A map that the window does not divide is zero-padded at the bottom and right, as ViTDet
-    does (64 tokens, windows of 14 at 1024 px). ViTDet lets the padding tokens be attended to;
-    here they are masked, since a learnable φ would give them arbitrary (not ~0) weight."""
-
-    def __init__(self, dim, heads, size, window, make_attend):
-        super().__init__(dim, heads, window ** 2, make_attend)
-        self.size, self.window, self.pad = size, window, -size % window
-        self.register_buffer('mask', padding_mask(size, window) if self.pad else None,
-                             persistent=False)
-
-    def forward(self, x):
-        x = F.pad(x, (0, 0, 0, self.pad, 0, self.pad))
-        x = shifted_window_attention(x, super().forward, self.window, mask=self.mask)
-        return x[:, :self.size, :self.size]
-
-
-def padding_mask(size, window):
-    """Which keys of each window are real tokens of the size x size map padded to a multiple of
-    the window: (nW, 1, N) bool, the same for every query."""
-    real = torch.arange(size + (-size % window)) < size
-    real = rearrange(real, 'h -> h 1') & rearrange(real, 'w -> 1 w')
-    return rearrange(window_partition(rearrange(real, 'h w -> 1 h w 1'), window), 'n j 1 -> n 1 j')
-
-
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (b, c, h, w) map, the norm of ViTDet's pyramid."""
-
-    def forward(self, x):
-        return rearrange(super().forward(rearrange(x, 'b c h w -> b h w c')), 'b h w c -> b c h w')
-
-
-PYRAMID_SCALES = (4, 2, 1, 0.5)  # from the stride-16 map: strides 4, 8, 16, 32 ("0".."3")
-
-
-def pyramid_level(dim, out_channels, scale):
-    """One level of the simple feature pyramid: resample the backbone's map by `scale` (two
-    stride-2 deconvolutions with norm and GELU between them for x4, one for x2, max pooling for
-    1/2), then a 1x1 and a 3x3 convolution to out_channels, each followed by a norm."""
-    resample, channels = {
-        4: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2), LayerNorm2d(dim // 2), nn.GELU(),
-             nn.ConvTranspose2d(dim // 2, dim // 4, 2, stride=2)], dim // 4),
-        2: ([nn.ConvTranspose2d(dim, dim // 2, 2, stride=2)], dim // 2),
-        1: ([], dim),
-        0.5: ([nn.MaxPool2d(2)], dim),
-    }[scale]
-    return nn.Sequential(*resample,
-                         nn.Conv2d(channels, out_channels, 1, bias=False),
-                         LayerNorm2d(out_channels),
-                         nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                         LayerNorm2d(out_channels))
-
-
-class ViTDetBackbone(nn.Module):
-    """The plain ViT of ViTDet and its simple feature pyramid: (b, 3, img, img) images ->
-    OrderedDict of maps "0".."3" (strides p/4, p/2, p, 2p for patch size p) and "pool" (4p),
-    each with `out_channels` channels, as torchvision's Mask R-CNN expects.
-
-    No CLS token; a learned absolute position embedding at the detector's grid of
-    (img/p)² tokens; blocks in `global_blocks` attend over the whole map (N = grid²), the
-    others within window x window windows (N = window²). No final norm: the pyramid norms."""
-
-    def __init__(self, make_attend, img_size, patch_size, embed_dim, depth, num_heads, window_size,
-                 global_blocks, drop_path_rate, out_channels):
-        super().__init__()
-        check_arch(img_size, patch_size, embed_dim, num_heads)
-        self.img_size, self.grid = img_size, img_size // patch_size
-        if not 1 <= window_size <= self.grid:
-            raise ValueError(f"window_size must be in 1..{self.grid} (the token grid of img_size "
-                             f"{img_size} with patch_size {patch_size}), got {window_size}")
-        if not all(0 <= i < depth for i in global_blocks):
-            raise ValueError(f"global_blocks must be block indices in 0..{depth - 1}, "
-                             f"got {tuple(global_blocks)}")
-        self.patch_embed = nn.Conv2d(3, embed_dim, patch_size, stride=patch_size)
-        self.pos_embed = nn.Parameter(
-            nn.init.trunc_normal_(torch.empty(1, self.grid ** 2, embed_dim), std=0.02))
-        window = lambda i: self.grid if i in global_blocks else window_size
-        rates = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList(
-            Block(embed_dim,
-                  ViTDetAttention(embed_dim, num_heads, self.grid, window(i), make_attend), p)
-            for i, p in enumerate(rates))
-        self.pyramid = nn.ModuleList(pyramid_level(embed_dim, out_channels, s)
-                                     for s in PYRAMID_SCALES)
-        self.out_channels = out_channels
-        self.apply(init_weights)
-
-    def forward(self, x):
-        check_size(x, self.img_size, 3)
-        x = rearrange(patch_tokens(self.patch_embed, x) + self.pos_embed, 'b (h w) d -> b h w d',
-                      h=self.grid)
-        for block in self.blocks:
-            x = block(x)
-        x = rearrange(x, 'b h w d -> b d h w')
-        features = OrderedDict((str(i), level(x)) for i, level in enumerate(self.pyramid))
-        # torchvision's LastLevelMaxPool
-        features['pool'] = F.max_pool2d(features['3'], 1, stride=2)
-        return features
-
-
-class ViTDet(MaskRCNN):
-    """ViTDet: `ViTDetBackbone` under torchvision's Mask R-CNN. Train mode: model(images,
-    targets) -> dict of losses; eval mode: model(images) -> [{boxes, labels, scores, masks}].
-    images: list of (3, H, W) floats in [0, 1]; targets: [{boxes (k, 4) xyxy, labels (k,)
-    in 1..num_classes-1, masks (k, H, W)}].
-
-    KArAt needs a fixed N, so every image is resized to fit img_size x img_size (longest side
-    = img_size, min_size = max_size = img_size) and zero-padded to exactly that square
-    (size_divisible = img_size); boxes and masks come back in the input image's coordinates.
-
-    Heads: torchvision's defaults at out_channels = 256 (RPN, two-FC box head of
-    `representation_size`, four-conv mask head), with out_channels channels throughout so that
-    small variants stay small. Anchors: one size per level, `anchor_size` at the finest level,
-    doubling per level (torchvision's 32..512 by default), aspect ratios 0.5, 1, 2.
-    The RPN keeps proposals = (train, test) boxes per level before NMS and per image after it,
-    and `rois_per_image` of them train the box head (torchvision: 2000, 1000 and 512)."""
-
-    def __init__(self, make_attend, img_size=1024, num_classes=91, patch_size=16, embed_dim=768,
-                 depth=12, num_heads=12, window_size=14, global_blocks=(2, 5, 8, 11),
-                 drop_path_rate=0.1, out_channels=256, representation_size=1024, anchor_size=32,
-                 rois_per_image=512, proposals=(2000, 1000)):
-        if num_classes < 2:
-            raise ValueError("num_classes counts the background too and must be >= 2, "
-                             f"got {num_classes}")
-        backbone = ViTDetBackbone(make_attend, img_size, patch_size, embed_dim, depth, num_heads,
-                                  window_size, tuple(global_blocks), drop_path_rate, out_channels)
-        levels = len(PYRAMID_SCALES) + 1
-        super().__init__(
-            backbone, min_size=img_size, max_size=img_size, size_divisible=img_size,
-            rpn_anchor_generator=AnchorGenerator(
-                tuple((anchor_size * 2 ** i,) for i in range(levels)),
-                ((0.5, 1.0, 2.0),) * levels),
-            box_head=TwoMLPHead(out_channels * 7 ** 2, representation_size),
-            box_predictor=FastRCNNPredictor(representation_size, num_classes),
-            rpn_pre_nms_top_n_train=proposals[0], rpn_post_nms_top_n_train=proposals[0],
-            rpn_pre_nms_top_n_test=proposals[1], rpn_post_nms_top_n_test=proposals[1],
-            box_batch_size_per_image=rois_per_image,
-            mask_head=MaskRCNNHeads(out_channels, (out_channels,) * 4, 1),
-            mask_predictor=MaskRCNNPredictor(out_channels, out_channels, num_classes))
-
-
-
-MODELS.update({
-    # ViT-B at 1024 px, windows of 14 (the pretraining grid of 224 px), global blocks 2, 5, 8, 11.
-    'vitdet_base': (ViTDet, dict(embed_dim=768, depth=12, num_heads=12, window_size=14,
-                                 global_blocks=(2, 5, 8, 11), drop_path_rate=0.1, img_size=1024,
-                                 num_classes=91)),
-    # For tests and CPU demos: 8 x 8 tokens at 128 px, windows of 4 (N = 16), every second
-    # block global (N = 64), as ViT-B's every third; 64 channels, anchors from 16 px.
-    'vitdet_tiny': (ViTDet, dict(embed_dim=96, depth=4, num_heads=3, window_size=4,
-                                 global_blocks=(1, 3), drop_path_rate=0.0, img_size=128,
-                                 num_classes=4, out_channels=64, representation_size=256,
-                                 anchor_size=16, rois_per_image=64, proposals=(300, 100))),
-})
-
-
-# Checkpoints: this project's, timm's and torchvision's -----------------------------------------
-# All checkpoint surgery lives here: recognise a file's key layout, rename its keys to ours,
-# resample what depends on the token grid, and load into a model of the same architecture
-# with any attention (`load_pretrained`) or into ViTDet's backbone (`load_backbone`).
-
-def swin_block(stage, j):
-    """torchvision's features.(2i + 1).j, block j of stage i: ours follows the stage's patch
-    merging (torchvision's features.(2i)), the first module of our stage i > 0."""
-    return f"stages.{stage}.{j + (stage > 0)}."
-
-
-# The layouts of the checkpoints people have, each recognised by one of its keys, and the
-# renames to this project's keys (regular expressions applied in order; None drops the key).
-LAYOUTS = {
-    'timm': ('patch_embed.proj.weight', [  # deit_*_patch16_224 and convit_*
-        (r'^patch_embed\.proj\.', 'patch_embed.'), (r'\.mlp\.fc1\.', '.mlp.0.'),
-        (r'\.mlp\.fc2\.', '.mlp.2.'), (r'\.attn\.gating_param$', '.attn.gating')]),
-    'torchvision ViT': ('conv_proj.weight', [  # vit_b_16
-        (r'^class_token$', 'cls_token'), (r'^conv_proj\.', 'patch_embed.'),
-        (r'^encoder\.pos_embedding$', 'pos_embed'), (r'^encoder\.ln\.', 'norm.'),
-        (r'^encoder\.layers\.encoder_layer_(\d+)\.', r'blocks.\1.'),
-        (r'\.ln_1\.', '.norm1.'), (r'\.ln_2\.', '.norm2.'), (r'\.mlp\.3\.', '.mlp.2.'),
-        (r'\.self_attention\.in_proj_(weight|bias)$', r'.attn.qkv.\1'),
-        (r'\.self_attention\.out_proj\.', '.attn.proj.'), (r'^heads\.head\.', 'head.')]),
-    'torchvision Swin': ('features.0.0.weight', [  # swin_t, swin_s, swin_b
-        (r'^features\.0\.0\.', 'patch_embed.'), (r'^features\.0\.2\.', 'patch_norm.'),
-        (r'^features\.(\d+)\.(\d+)\.', lambda m: swin_block(int(m[1]) // 2, int(m[2]))),
-        (r'^features\.(\d+)\.(reduction|norm)\.', lambda m: f"stages.{int(m[1]) // 2}.0.{m[2]}."),
-        (r'\.mlp\.3\.', '.mlp.2.'), (r'\.relative_position_index$', None)]),  # ours: a fixed buffer
-    'this project': ('patch_embed.weight', []),
-}
-
-
-def rename(key, rules):
-    """`key` after the renames, or None for a key that has no counterpart here."""
-    for pattern, replacement in rules:
-        if re.search(pattern, key):
-            if replacement is None:
-                return None
-            key = re.sub(pattern, replacement, key)
-    return key
-
-
-def merge_qk_v(state):
-    """timm's GPSA splits the projection into `qk` and `v`; ours is one `qkv`, laid out
-    (three h d) with q, k, v in that order, so the two weights stack as they are."""
-    split = ('.attn.qk.weight', '.attn.v.weight')
-    merged = {k.replace('.qk.', '.qkv.'): torch.cat([v, state[k.replace('.qk.', '.v.')]])
-              for k, v in state.items() if k.endswith(split[0])}
-    return {k: v for k, v in state.items() if not k.endswith(split)} | merged
-
-
-def read_file(path):
-    """What a checkpoint file holds: a .safetensors file's tensors (timm's downloads from the
-    Hugging Face hub), else torch.load's object with weights_only=True: loading never runs code."""
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file  # timm's dependency, needed for these files only
-        return load_file(path)
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def read_weights(checkpoint):
-    """A checkpoint as (layout, state_dict in this project's key names, config or None).
-
-    checkpoint: a path (`read_file`) or what one holds: a train.py checkpoint ({'model',
-    'config', ...}), a bare state_dict of any layout in `LAYOUTS`, or one wrapped as
-    {'model': ...} or {'state_dict': ...} (DeiT's own downloads)."""
-    if not isinstance(checkpoint, dict):
-        checkpoint = read_file(checkpoint)
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"not a checkpoint: a {type(checkpoint).__name__}, not a dict of tensors")
-    config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else None
-    wrapped = [checkpoint[k] for k in ('model', 'state_dict')
-               if isinstance(checkpoint.get(k), dict)]
-    state = (wrapped or [checkpoint])[0]
-    layout = next((name for name, (key, _) in LAYOUTS.items() if key in state), None)
-    if layout is None:
-        known = ', '.join(f"{name} ({key})" for name, (key, _) in LAYOUTS.items())
-        raise ValueError(f"not a checkpoint of a known layout: it has none of the keys of {known}")
-    rules = LAYOUTS[layout][1]
-    renamed = {new: v for k, v in state.items() if (new := rename(k, rules)) is not None}
-    return layout, merge_qk_v(renamed), config
-
-
-def resample_grid(t, axis, n, mode='bicubic'):
-    """Resample `axis` of t, indexed row by row by the g x g cells of a square grid, to the
-    n = g'² cells of a g' x g' grid by 2-D interpolation. The one resampler of the project:
-    position embeddings, Swin's bias tables over (2W - 1)² offsets, KArAt's key axes."""
-    t = t.movedim(axis, -1)
-    g_old, g = math.isqrt(t.shape[-1]), math.isqrt(n)
-    if g_old ** 2 != t.shape[-1] or g ** 2 != n:
-        raise ValueError(f"cannot resample {t.shape[-1]} tokens to {n}: "
-                         "both must fill square grids")
-    grid = rearrange(t, '... (h w) -> (...) 1 h w', h=g_old)
-    grid = F.interpolate(grid.float(), size=(g, g), mode=mode, align_corners=False).to(t.dtype)
-    return grid.reshape(*t.shape[:-1], n).movedim(-1, axis)
-
-
-def leading_tokens(n):
-    """How many of n tokens precede a square grid of patches: 1 (CLS) for g² + 1, 0 for g²."""
-    return n - math.isqrt(n) ** 2
-
-
-def fit_grid(key, theirs, mine):
-    """`theirs` for a model whose token grid gives `mine`'s shape: a position embedding of
-    another image or patch size resampled bicubically (a CLS entry kept), a Swin bias table of
-    another window likewise; any other tensor as it is."""
-    if theirs.shape == mine.shape:
-        return theirs
-    if key.endswith('pos_embed') and theirs.shape[::2] == mine.shape[::2]:
-        e = leading_tokens(theirs.shape[1])
-        if e == leading_tokens(mine.shape[1]):
-            return torch.cat([theirs[:, :e], resample_grid(theirs[:, e:], 1, mine.shape[1] - e)], 1)
-    if key.endswith('relative_position_bias_table') and theirs.shape[1] == mine.shape[1]:
-        return resample_grid(theirs, 0, mine.shape[0])
-    return theirs
-
-
-def natural(key):
-    """Sort key putting blocks.2 before blocks.10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', key)]
-
-
-def summarise(items, limit=3):
-    """The first few of a list for a one-line message, and how many more."""
-    more = f" and {len(items) - limit} more" if len(items) > limit else ''
-    return ', '.join(items[:limit]) + more
-
-
-def attention_of(config):
-    """What a model's KArAt operators mean: its attention and the options that shape them (not
-    efficient, kernel or chunk_elements, which change only how they are computed), defaults
-    filled in."""
-    defaults = karat.AttentionConfig()
-    return {k: config.get(k, getattr(defaults, k))
-            for k in ('attn', 'mode', 'grid', 'rank', 'base', 'order', 'simplex')}
-
-
-def is_operator(key):
-    return '.attend.operator.' in key
-
-
-def load_pretrained(model, checkpoint, head=False):
-    """Load a classifier's weights into `model`, a model of the same architecture with any
-    attention. Returns the sorted keys left at their init.
-
-    checkpoint: see `read_weights`; timm's deit_*_patch16_224 and convit_* go into vit_* and
-    convit_*, torchvision's vit_b_16 into vit_base, swin_t/s/b into swin_t/s/b, and this
-    project's checkpoints into their own architecture. Loaded: every weight the model shares
-    with the checkpoint's architecture. The classifier head keeps its init unless `head`.
-    KArAt operators are taken from a checkpoint that has them (this project's KArAt models,
-    and if it carries a config, of the same attention and options); from any other (softmax,
-    timm, torchvision) they keep their init, so a KArAt model starts from softmax weights
-    with every weight but the activation. Position embeddings of another image or patch size
-    and Swin's bias tables of another window are resampled bicubically; a KArAt operator's N
-    is fixed and is not. Anything else that differs is a ValueError naming the keys, or the
-    shapes and the ones expected."""
-    layout, state, config = read_weights(checkpoint)
-    own = model.state_dict()
-    mine = attention_of(getattr(model, 'config', {}))
-    same_attention = config is None or attention_of(config) == mine
-    operators = any(map(is_operator, own)) and any(map(is_operator, state)) and same_attention
-    skip = lambda k: (k.startswith('head.') and not head) or (is_operator(k) and not operators)
-    wanted, offered = {k for k in own if not skip(k)}, {k for k in state if not skip(k)}
-    loaded = {k: fit_grid(k, state[k], own[k]) for k in wanted & offered}
-    wrong = [k for k, t in loaded.items() if t.shape != own[k].shape]
-    if wanted != offered or wrong:
-        shapes = {k: (tuple(loaded[k].shape), tuple(own[k].shape)) for k in wrong}
-        raise ValueError(mismatch(layout, model, wanted - offered, offered - wanted, shapes))
-    model.load_state_dict(loaded, strict=False)
-    return sorted(set(own) - wanted, key=natural)
-
-
-def mismatch(layout, model, missing, unexpected, shapes):
-    """One line: what of a `layout` checkpoint does not fit `model`, and what it expects."""
-    cfg = getattr(model, 'config', {})
-    parts = [f"it lacks {summarise(sorted(missing, key=natural))}"] if missing else []
-    if unexpected:
-        parts.append(f"the model has no {summarise(sorted(unexpected, key=natural))}")
-    if shapes:
-        parts.append(summarise([f"{k} is {shapes[k][0]} where {shapes[k][1]} is expected"
-                                for k in sorted(shapes, key=natural)]))
-    if any(map(is_operator, shapes)):
-        parts.append("a KArAt operator's N is fixed: load at the checkpoint's image and patch size")
-    name = f"{cfg.get('name', type(model).__name__)} ({cfg.get('attn')}, {cfg.get('img_size')} px)"
-    return f"the {layout} checkpoint does not fit {name}: {'; '.join(parts)}"
-
-
-# ViTDet's backbone from a classifier: the operators' key axes change from a classifier's
-# N = g² + 1 keys to a detector's N' = window² or grid².
-
-WEIGHT_LIKE = ('coef', 'w', 'a', 'w_base', 'W')  # operator tensors that scale a unit's output
-# (tau, s and the rational denominator's b shape it and are only resampled)
-
-
-def resample_operator(t, operator, name):
-    """A classifier's KArAt tensor for a detector operator over N' keys (see `load_backbone`)."""
-    for axis in operator.key_axes(name):
-        n_old = t.shape[axis] - 1
-        t = resample_grid(t.narrow(axis, 1, n_old), axis, operator.seq_len, mode='bilinear')
-        if name.split('.')[-1] in WEIGHT_LIKE:
-            t = t * (n_old / operator.seq_len)
-    return t
-
-
-def load_backbone(detector, checkpoint):
-    """Initialise a ViTDet's backbone from a ViT classifier's checkpoint (see `read_weights`:
-    this project's vit_*, timm's deit_*, torchvision's vit_b_16). Returns {'missing': ViT keys
-    of the detector left at their init, 'unused': classifier keys not used}; the feature
-    pyramid and the Mask R-CNN heads always keep their init.
-
-    Rule: the patch embedding and every block's norms, qkv, proj and MLP are copied (the
-    classifier needs the detector's embed_dim, depth and heads; its CLS token, final norm and
-    head are unused). The position embedding drops the CLS token and its g x g grid is
-    resized bicubically to the detector's grid (ViTDet's rule).
-    KArAt operators: Φ̂ and W are indexed by key position, and the classifier's N = g² + 1 keys
-    (CLS first) become the detector's N' = window² (window blocks) or grid² (global blocks):
-    along every key-indexed axis (`karat.Operator.key_axes`) the CLS entry is dropped, the
-    remaining g x g grid is resized bilinearly to √N' x √N' (bilinear: a convex combination, so
-    learned scales stay positive), and the tensors that scale a unit's output (coefficients,
-    unit weights, W) are multiplied by g²/N' per such axis, so that every sum over keys
-    (Σ_q φ_pq(a_q) and Σ_j σ̂_j V_j) keeps its size, as a Riemann sum of the same integral
-    would. The rank axis r is kept as is. Same grid: the identity, the CLS entry aside. A
-    universal detector operator is written once per block that shares it: load from a
-    classifier of the same mode."""
-    layout, state, _ = read_weights(checkpoint)
-    pos = state.get('pos_embed')
-    if 'cls_token' not in state or pos is None or leading_tokens(pos.shape[1]) != 1:
-        raise ValueError(f"not a ViT classifier's weights: the {layout} checkpoint has no CLS "
-                         "token and position embedding with a CLS entry")
-    backbone = detector.backbone
-    operators = {name: m for name, m in backbone.named_modules(remove_duplicate=False)
-                 if isinstance(m, karat.Operator)}
-    loaded = {}
-    for key, mine in backbone.state_dict().items():
-        if key not in state:
-            continue
-        theirs, owner = state[key], key.rpartition('.attend.operator.')
-        if key == 'pos_embed':
-            theirs = resample_grid(theirs[:, 1:], 1, mine.shape[1])
-        elif owner[1]:
-            theirs = resample_operator(theirs, operators[owner[0] + '.attend.operator'], owner[2])
-        if theirs.shape != mine.shape:
-            raise ValueError(f"{key} is {tuple(theirs.shape)} after the rule but the detector's "
-                             f"is {tuple(mine.shape)}: the {layout} classifier is another "
-                             "architecture (embed_dim, heads, rank or attention)")
-        loaded[key] = theirs
-    backbone.load_state_dict(loaded, strict=False)
-    vit_keys = {k for k in backbone.state_dict() if not k.startswith('pyramid.')}
-    return dict(missing=sorted(vit_keys - set(loaded)), unused=sorted(set(state) - set(loaded)))

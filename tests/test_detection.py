@@ -12,6 +12,7 @@ import detection
 import karat
 import models
 import train
+import weights
 from test_train import DIE_AFTER_SAVE, assert_same_run, log, python
 
 LOSSES = {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'loss_rpn_box_reg'}
@@ -19,7 +20,7 @@ LOSSES = {'loss_classifier', 'loss_box_reg', 'loss_mask', 'loss_objectness', 'lo
 
 def detector(attn='softmax', **options):
     torch.manual_seed(0)
-    return models.create_model('vitdet_tiny', attn=attn, **options)
+    return detection.create_detector('vitdet_tiny', attn=attn, **options)
 
 
 def classifier(attn='softmax', **options):
@@ -84,7 +85,7 @@ def test_the_feature_pyramid_has_torchvisions_levels_at_strides_4_to_64():
 
 def test_vitdet_base_windows_14_and_global_blocks_2_5_8_11_at_1024():
     with torch.device('meta'):  # the structure only: no memory, no init
-        model = models.create_model('vitdet_base', attn='fourier', mode='universal')
+        model = detection.create_detector('vitdet_base', attn='fourier', mode='universal')
     assert model.config['img_size'] == 1024 and model.config['num_classes'] == 91
     blocks = model.backbone.blocks
     assert [b.attn.attend.operator.seq_len for b in blocks] == [196, 196, 4096] * 4
@@ -111,11 +112,11 @@ def test_window_blocks_are_local_and_global_blocks_are_not():
 def test_padding_tokens_of_a_window_get_exactly_zero_weight(attn):
     """An 8 x 8 map in windows of 3 is padded to 9 x 9: padded keys must not be attended."""
     torch.manual_seed(0)
-    attention = models.ViTDetAttention(96, 3, 8, 3, karat.attention_maker(attn))
+    attention = detection.ViTDetAttention(96, 3, 8, 3, karat.attention_maker(attn))
     with models.capture_attention(attention) as maps, torch.no_grad():
         attention(torch.randn(2, 8, 8, 96))
     weights = rearrange(maps['attend'], '(b n) h i j -> b n h i j', b=2)  # n = 9 windows of N = 9
-    padded = rearrange(~models.padding_mask(8, 3), 'n 1 j -> 1 n 1 1 j').expand_as(weights)
+    padded = rearrange(~detection.padding_mask(8, 3), 'n 1 j -> 1 n 1 1 j').expand_as(weights)
     assert (padded.any() and (weights[padded] == 0).all()
             and (weights[~padded] != 0).mean(dtype=torch.float) > 0.9)
 
@@ -129,7 +130,7 @@ def test_load_backbone_copies_the_vit_and_is_the_identity_on_the_same_grid(optio
     """The classifier's 8 x 8 grid is the detector's: the global blocks' operators (N = 64) and
     the position embedding are the classifier's without the CLS entries, the rest is copied."""
     source, model = classifier(**options), detector(**options)
-    report = models.load_backbone(model, source.state_dict())
+    report = weights.load_backbone(model, source.state_dict())
     assert report == dict(missing=[], unused=['cls_token', 'head.bias', 'head.weight',
                                               'norm.bias', 'norm.weight'])
     src, own = source.state_dict(), model.backbone.state_dict()
@@ -155,7 +156,7 @@ def test_resampling_keeps_every_sum_over_keys():
     state = source.state_dict()
     state['blocks.0.attn.attend.operator.W'] = torch.ones(3, 65, 12)
     state['blocks.0.attn.attend.operator.phi.coef'] = torch.ones(3, 12, 65, 6)
-    models.load_backbone(model, state)
+    weights.load_backbone(model, state)
     op = model.backbone.blocks[0].attn.attend.operator
     assert op.seq_len == 16
     assert torch.allclose(op.W.sum(1), torch.full((3, 12), 64.0))
@@ -165,9 +166,9 @@ def test_resampling_keeps_every_sum_over_keys():
 def test_resample_grid_to_the_same_grid_is_the_identity_and_a_linear_ramp_stays_linear():
     t = torch.randn(2, 49, 3)
     for mode in ('bilinear', 'bicubic'):
-        assert torch.equal(models.resample_grid(t, 1, 49, mode=mode), t)
+        assert torch.equal(weights.resample_grid(t, 1, 49, mode=mode), t)
     ramp = torch.arange(8.0).repeat(8)  # the column index of an 8 x 8 grid, row by row
-    coarse = models.resample_grid(ramp, 0, 16, mode='bilinear')
+    coarse = weights.resample_grid(ramp, 0, 16, mode='bilinear')
     assert torch.allclose(coarse, (torch.arange(4.0) * 2 + 0.5).repeat(4))
 
 
@@ -175,13 +176,13 @@ def test_load_backbone_reads_a_train_checkpoint_file_and_rejects_other_architect
     source = classifier('fourier')
     torch.save(dict(model=source.state_dict(), config=source.config), tmp_path / 'best.pt')
     model = detector('fourier')
-    models.load_backbone(model, str(tmp_path / 'best.pt'))
+    weights.load_backbone(model, str(tmp_path / 'best.pt'))
     assert torch.equal(model.backbone.blocks[2].mlp[0].weight, source.blocks[2].mlp[0].weight)
     wider = models.create_model('vit_tiny', img_size=128, embed_dim=192, depth=4, num_heads=3)
     with pytest.raises(ValueError, match='another architecture'):
-        models.load_backbone(detector(), wider.state_dict())
+        weights.load_backbone(detector(), wider.state_dict())
     with pytest.raises(ValueError, match='not a checkpoint of a known layout'):
-        models.load_backbone(detector(), {'weight': torch.zeros(1)})
+        weights.load_backbone(detector(), {'weight': torch.zeros(1)})
 
 
 # Data and evaluation -------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def test_coco_evaluation_gives_100_ap_for_the_ground_truth_and_less_for_shifted_
 
 def test_a_few_dozen_steps_on_shapes_lower_the_loss_markedly():
     torch.manual_seed(0)
-    model = models.create_model('vitdet_tiny', attn='fourier', img_size=64, window_size=2)
+    model = detection.create_detector('vitdet_tiny', attn='fourier', img_size=64, window_size=2)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images, targets = batch(8, img_size=64)
     losses = []

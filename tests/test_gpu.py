@@ -1,14 +1,15 @@
 """On a CUDA GPU (skipped elsewhere): the fused kernels, compiled for the device, equal karat.py's
 definition at the models' shapes, in float32 and under bf16 autocast, and torch.compile and CUDA
 graphs keep each fused op whole. `python bench.py --gpu` runs this file and every benchmark row."""
-from dataclasses import replace
-
 import pytest
 import torch
 
+import fast
 import karat
 import models
-from test_kernels import inputs
+from test_kernels import NAIVE, inputs
+
+TRITON = fast.Computation(kernel='triton')
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -38,26 +39,26 @@ def run(attend, data, dtype=torch.float32, amp=False):
 @pytest.mark.parametrize('N, masking', [(197, 'none'), (197, 'padding'), (49, 'shift')])
 def test_triton_on_the_gpu_equals_the_definition(attn, rank, N, masking):
     torch.manual_seed(0)
-    op = karat.Operator(attn, 3, N, rank=rank, kernel='triton').cuda().float()
+    op = karat.Operator(attn, 3, N, rank=rank).cuda().float()
     data = inputs(N, masking, b=4, h=3, d=64)
-    fast = run(karat.KArAt(op), data)
-    op.config = replace(op.config, efficient=False)
-    naive = run(karat.KArAt(op.double()), [t if t is None or t.dtype == torch.bool else t.double()
-                                           for t in data], dtype=torch.float64)
-    for ours, exact in zip(fast, naive):
+    fused = run(karat.KArAt(op, TRITON), data)
+    naive = run(karat.KArAt(op.double(), NAIVE), [t if t is None or t.dtype == torch.bool
+                                                  else t.double() for t in data],
+                dtype=torch.float64)
+    for ours, exact in zip(fused, naive):
         assert (ours.double() - exact).norm() <= 1e-4 * exact.norm() + 1e-6
 
 
 @pytest.mark.parametrize('attn', ['fourier', 'bspline', 'rational', 'morlet'])
 def test_triton_under_bf16_autocast(attn):
     torch.manual_seed(0)
-    op = karat.Operator(attn, 3, 197, rank=12, kernel='triton').cuda()
+    op = karat.Operator(attn, 3, 197, rank=12).cuda()
     data = inputs(197, 'padding', b=4, h=3, d=64)
-    fast = run(karat.KArAt(op), data, torch.bfloat16, amp=True)
-    op.config = replace(op.config, efficient=False)
-    exact = run(karat.KArAt(op.double()), [t if t is None or t.dtype == torch.bool else t.double()
-                                           for t in data], dtype=torch.float64)
-    for ours, reference in zip(fast, exact):
+    fused = run(karat.KArAt(op, TRITON), data, torch.bfloat16, amp=True)
+    exact = run(karat.KArAt(op.double(), NAIVE), [t if t is None or t.dtype == torch.bool
+                                                  else t.double() for t in data],
+                dtype=torch.float64)
+    for ours, reference in zip(fused, exact):
         assert (ours.double() - reference).norm() <= 0.03 * reference.norm()
 
 

@@ -2,14 +2,16 @@
 gradients, masking and sharing."""
 import math
 import re
-from dataclasses import replace
+from dataclasses import fields
 
 import pytest
 import torch
 from einops import einsum
 
+import fast
 import karat
 import models
+import weights
 
 x = torch.linspace(-3, 3, 13, dtype=torch.float64)
 
@@ -159,14 +161,11 @@ def test_reassociated_output_equals_the_materialised_formula(attn, rank):
     op = operator(attn, N=7, rank=rank)
     A, V = torch.randn(2, 2, 7, 7, requires_grad=True), torch.randn(2, 2, 7, 3, requires_grad=True)
     results = []
-    for efficient in (True, False):
-        op.config = replace(op.config, efficient=efficient)
-        out = op(A, V)
+    for out in (op(A, V),
+                einsum(op(A, V, return_attention=True), V, 'b h i j, b h j d -> b h i d')):
         grads = torch.autograd.grad(out.pow(2).sum(), [A, V, *op.parameters()])
         results.append((out, grads))
     torch.testing.assert_close(results[0], results[1])
-    naive = einsum(op(A, V, return_attention=True), V, 'b h i j, b h j d -> b h i d')
-    torch.testing.assert_close(results[0][0], naive)
 
 
 def test_low_rank_output_is_W_phi_hat_A_times_V():
@@ -261,7 +260,8 @@ def test_softmax_behind_the_same_interface():
 def test_gradcheck_every_basis(attn, base):
     """float64 gradcheck of the PyTorch fast path (chunked, the logits recomputed in backward)
     through q, k, v and every parameter."""
-    op = operator(attn, heads=1, N=4, rank=2, base=base, kernel='torch', chunk_elements=32)
+    op = operator(attn, heads=1, N=4, rank=2, base=base)
+    compute = fast.Computation(kernel='torch', chunk_elements=32)
     names = list(dict(op.named_parameters()))
     g = torch.Generator().manual_seed(3)
     q, k, V = (torch.randn(1, 1, 4, 2, generator=g, requires_grad=True) for _ in range(3))
@@ -271,7 +271,7 @@ def test_gradcheck_every_basis(attn, base):
         q, k = q.requires_grad_(), k.requires_grad_()
 
     def f(q, k, V, *params):
-        return torch.func.functional_call(karat.KArAt(op),
+        return torch.func.functional_call(karat.KArAt(op, compute),
                                           {f'operator.{n}': p for n, p in zip(names, params)},
                                           (q, k, V))
     assert torch.autograd.gradcheck(f, (q, k, V,
@@ -313,9 +313,7 @@ def test_every_basis_trains_inside_a_vit(attn, mode, rank):
     (dict(attn='fourrier'), "unknown attention 'fourrier'; allowed: softmax, fourier"),
     (dict(attn='fourier', grid=0), 'grid size G must be an integer >= 1'),
     (dict(attn='fourier', rank=0), 'rank r must be an integer >= 1'),
-    (dict(attn='fourier', kernel='cuda'), "unknown kernel 'cuda'; allowed: auto, torch, triton"),
     (dict(attn='fourier', rank=None, order='phi_W'), "order 'phi_W' needs a low-rank operator"),
-    (dict(attn='fourier', chunk_elements=0), 'chunk_elements must be an integer >= 1'),
     (dict(attn='fourier', rnak=3), 'unknown attention option(s) rnak; allowed: attn, mode'),
     (dict(attn='fourier', mode='global'), "unknown mode 'global'; allowed: blockwise, universal"),
     (dict(attn='fourier', base='relu'), "unknown base activation 'relu'; allowed: zero, silu"),
@@ -324,6 +322,27 @@ def test_every_basis_trains_inside_a_vit(attn, mode, rank):
 def test_bad_options_raise_value_errors_naming_the_allowed_values(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         karat.attention_maker(**kwargs)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(kernel='cuda'), "unknown kernel 'cuda'; allowed: auto, torch, triton"),
+    (dict(chunk_elements=0), 'chunk_elements must be an integer >= 1'),
+])
+def test_bad_ways_of_computing_raise_value_errors_naming_the_allowed_values(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fast.Computation(**kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        models.create_model('vit_tiny', attn='fourier', **kwargs)
+
+
+def test_what_and_how_are_stated_once_and_apart():
+    """Every option of a model's attention is either what it is (karat.AttentionConfig) or how
+    it is computed (fast.Computation), never both; resume and pretrained loading compare the
+    first alone."""
+    what = {f.name for f in fields(karat.AttentionConfig)}
+    assert what.isdisjoint(fast.HOW) and set(models.ATTENTION_OPTIONS) == (what - {'attn'}) | set(
+        fast.HOW)
+    assert set(weights.attention_of({})) == what
 
 
 def test_rank_is_capped_at_n_wherever_the_operator_is_built():
@@ -338,13 +357,14 @@ def test_rank_is_capped_at_n_wherever_the_operator_is_built():
 
 
 def test_an_option_is_checked_once_from_the_cli_to_every_operator(monkeypatch):
+    import cli
     import train
     checks = []
     post_init = karat.AttentionConfig.__post_init__
     monkeypatch.setattr(karat.AttentionConfig, '__post_init__',
                         lambda self: checks.append(self) or post_init(self))
     args = train.parse_args(['--attn', 'bspline', '--depth', '3', '--epochs', '1'])
-    train.build_model(train.model_config(args, 10))
+    cli.build_model(cli.model_config(args, 10))
     assert len(checks) == 1 and checks[0].attn == 'bspline'
 
 
@@ -373,12 +393,14 @@ def test_a_numeric_mask_attends_where_it_is_nonzero_as_softmax_reads_it(attn):
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('efficient', [True, False])
-def test_half_precision_inputs_work_outside_autocast_as_with_softmax(dtype, efficient):
+@pytest.mark.parametrize('compute', [karat.definition, fast.Computation(),
+                                     fast.Computation(efficient=False)],
+                         ids=['definition', 'fast', 'naive'])
+def test_half_precision_inputs_work_outside_autocast_as_with_softmax(dtype, compute):
     """The operator meets 16-bit q, k, v in their dtype; the result is the float32 one rounded."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
-    attend = karat.attention_maker('fourier', rank=3, efficient=efficient)(2, 7)
+    attend = karat.attention_maker('fourier', rank=3, compute=compute)(2, 7)
     q, k, v = (t.float() for t in qkv())
     out = attend(*(t.to(dtype) for t in (q, k, v)))
     assert out.dtype == dtype

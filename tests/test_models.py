@@ -6,6 +6,7 @@ import torchvision
 from einops import einsum, rearrange
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
+import detection
 import karat
 import models
 
@@ -132,7 +133,7 @@ ZERO_GRADIENT = ('pos_proj.bias',)
 @pytest.mark.parametrize('mode', karat.MODES)
 @pytest.mark.parametrize('attn', ['softmax', 'fourier'])
 # detectors: test_detection.py
-@pytest.mark.parametrize('name', [m for m in models.list_models() if not m.startswith('vitdet')])
+@pytest.mark.parametrize('name', models.list_models())
 def test_every_model_runs_forward_and_backward_with_gradients_reaching_every_parameter(
         name, attn, mode):
     model = small(name, attn, mode=mode)
@@ -299,10 +300,11 @@ def test_unknown_names_and_options_raise_listing_the_valid_ones():
 @pytest.mark.parametrize('num_classes', [0, -3, 2.5, True])
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t', 'vitdet_tiny'])
 def test_a_number_of_classes_below_one_is_refused_naming_the_allowed_values(name, num_classes):
+    create = detection.create_detector if name in detection.DETECTORS else models.create_model
     with torch.device('meta'), pytest.raises(ValueError,
                                              match=f'num_classes must be an integer >= 1.*'
                                                    f'got {num_classes!r}'):
-        models.create_model(name, num_classes=num_classes)
+        create(name, num_classes=num_classes)
 
 
 @pytest.mark.parametrize('name', ['vit_tiny', 'convit_tiny', 'swin_t'])

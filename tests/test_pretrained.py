@@ -15,7 +15,9 @@ import torchvision
 from torch import nn
 from torchvision.models.swin_transformer import SwinTransformer as TorchvisionSwin
 
+import detection
 import models
+import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 IMG = 32
@@ -71,7 +73,7 @@ def images(batch=2):
 
 def refusal(model, checkpoint, **kw):
     with pytest.raises(ValueError) as e:
-        models.load_pretrained(model, checkpoint, **kw)
+        weights.load_pretrained(model, checkpoint, **kw)
     message = str(e.value)
     assert '\n' not in message
     return message
@@ -84,7 +86,7 @@ def test_a_loaded_softmax_model_computes_its_sources_function(kind, tmp_path):
         theirs = source(kind, perturb=perturb)
         model = ours(kind).eval()
         path = saved(theirs, tmp_path / 'source.pth')
-        assert models.load_pretrained(model, path, head=True) == []
+        assert weights.load_pretrained(model, path, head=True) == []
         with torch.no_grad():
             torch.testing.assert_close(model(images()), theirs(images()), atol=1e-5, rtol=1e-5)
 
@@ -99,9 +101,9 @@ def test_every_layer_norm_has_its_sources_eps(kind):
 def test_a_fourier_karat_model_takes_every_weight_but_the_activation_and_trains(kind, tmp_path):
     path = saved(source(kind, perturb=True), tmp_path / 'source.pth')
     softmax, model, fresh = ours(kind), ours(kind, 'fourier'), ours(kind, 'fourier')
-    models.load_pretrained(softmax, path)
-    at_init = models.load_pretrained(model, path)
-    assert at_init and all(models.is_operator(k) or k.startswith('head.') for k in at_init)
+    weights.load_pretrained(softmax, path)
+    at_init = weights.load_pretrained(model, path)
+    assert at_init and all(weights.is_operator(k) or k.startswith('head.') for k in at_init)
     loaded, own, init = softmax.state_dict(), model.state_dict(), fresh.state_dict()
     for key, value in own.items():
         assert torch.equal(value, init[key] if key in at_init else loaded[key]), key
@@ -121,7 +123,7 @@ def test_the_head_is_new_unless_kept_and_a_kept_head_needs_the_same_classes(tmp_
     path = saved(theirs, tmp_path / 'deit.pth')
     model = ours('timm deit')
     head = model.head.weight.clone()
-    assert models.load_pretrained(model, path) == ['head.bias', 'head.weight']
+    assert weights.load_pretrained(model, path) == ['head.bias', 'head.weight']
     assert torch.equal(model.head.weight, head)
     five = ours('timm deit', num_classes=5)
     assert "head.bias is (10,) where (5,) is expected" in refusal(five, path, head=True)
@@ -130,9 +132,9 @@ def test_the_head_is_new_unless_kept_and_a_kept_head_needs_the_same_classes(tmp_
 def test_position_embeddings_of_another_image_size_are_resampled_keeping_the_cls_entry(tmp_path):
     theirs = source('timm deit', perturb=True)
     model = ours('timm deit', img_size=64)  # 16 x 16 patches where the source has 8 x 8
-    models.load_pretrained(model, saved(theirs, tmp_path / 'deit.pth'))
+    weights.load_pretrained(model, saved(theirs, tmp_path / 'deit.pth'))
     assert torch.equal(model.pos_embed[:, 0], theirs.pos_embed[:, 0])
-    resampled = models.resample_grid(theirs.pos_embed[:, 1:], 1, 256)
+    resampled = weights.resample_grid(theirs.pos_embed[:, 1:], 1, 256)
     assert torch.equal(model.pos_embed[:, 1:], resampled)
 
 
@@ -149,7 +151,7 @@ def test_swin_is_torchvisions_function_exactly_where_the_window_divides_every_st
         for p in theirs.parameters():
             p.normal_(0, 0.2)
     model = ours('torchvision swin', img_size=img).eval()
-    models.load_pretrained(model, saved(theirs, tmp_path / 'swin.pth'), head=True)
+    weights.load_pretrained(model, saved(theirs, tmp_path / 'swin.pth'), head=True)
     x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         difference = (model(x) - theirs(x)).abs().max()
@@ -160,13 +162,13 @@ def test_a_train_checkpoint_of_the_same_karat_model_gives_its_operators_too(tmp_
     trained = ours('timm deit', 'fourier', seed=2)
     torch.save(dict(model=trained.state_dict(), config=trained.config), tmp_path / 'best.pt')
     model = ours('timm deit', 'fourier')
-    assert models.load_pretrained(model, tmp_path / 'best.pt', head=True) == []
+    assert weights.load_pretrained(model, tmp_path / 'best.pt', head=True) == []
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
     naive = ours('timm deit', 'fourier', efficient=False)  # the same operators, computed naively
-    assert models.load_pretrained(naive, tmp_path / 'best.pt', head=True) == []
+    assert weights.load_pretrained(naive, tmp_path / 'best.pt', head=True) == []
     other = ours('timm deit', 'fourier', grid=1)  # another G: its operators start at init
-    at_init = models.load_pretrained(other, tmp_path / 'best.pt')
-    assert any(map(models.is_operator, at_init))
+    at_init = weights.load_pretrained(other, tmp_path / 'best.pt')
+    assert any(map(weights.is_operator, at_init))
 
 
 @pytest.mark.parametrize('kind, name, arch, named', [
@@ -192,7 +194,7 @@ def test_another_architecture_is_refused_in_one_line_naming_what_differs(kind, n
 def test_a_wrapped_state_dict_loads_as_the_bare_one(wrap):
     theirs = source('timm deit', perturb=True)
     model = ours('timm deit').eval()
-    assert models.load_pretrained(model, wrap(theirs.state_dict(), model.config), head=True) == []
+    assert weights.load_pretrained(model, wrap(theirs.state_dict(), model.config), head=True) == []
     with torch.no_grad():
         torch.testing.assert_close(model(images()), theirs(images()), atol=1e-5, rtol=1e-5)
 
@@ -201,7 +203,7 @@ def test_a_safetensors_file_as_timm_downloads_it_loads_like_a_state_dict(tmp_pat
     theirs = source('timm deit', perturb=True)
     safetensors.torch.save_file(theirs.state_dict(), tmp_path / 'model.safetensors')
     model = ours('timm deit').eval()
-    assert models.load_pretrained(model, tmp_path / 'model.safetensors', head=True) == []
+    assert weights.load_pretrained(model, tmp_path / 'model.safetensors', head=True) == []
     with torch.no_grad():
         torch.testing.assert_close(model(images()), theirs(images()), atol=1e-5, rtol=1e-5)
 
@@ -223,11 +225,11 @@ def test_load_backbone_takes_a_timm_or_torchvision_vit(make, tmp_path):
     """vitdet_tiny's 8 x 8 grid is the classifier's: the backbone is the classifier's ViT."""
     torch.manual_seed(0)
     path = saved(make(), tmp_path / 'vit.pth')
-    detector = models.create_model('vitdet_tiny', attn='fourier')
-    report = models.load_backbone(detector, path)
-    assert report['missing'] and all(map(models.is_operator, report['missing']))  # at init
+    detector = detection.create_detector('vitdet_tiny', attn='fourier')
+    report = weights.load_backbone(detector, path)
+    assert report['missing'] and all(map(weights.is_operator, report['missing']))  # at init
     assert report['unused'] == ['cls_token', 'head.bias', 'head.weight', 'norm.bias', 'norm.weight']
-    _, state, _ = models.read_weights(path)
+    _, state, _ = weights.read_weights(path)
     backbone = detector.backbone.state_dict()
     assert torch.equal(backbone['pos_embed'], state['pos_embed'][:, 1:])
     for key in ('patch_embed.weight', 'blocks.3.attn.qkv.weight', 'blocks.3.mlp.2.bias',
@@ -238,7 +240,7 @@ def test_load_backbone_takes_a_timm_or_torchvision_vit(make, tmp_path):
 def test_load_backbone_refuses_a_convit_whose_position_embedding_has_no_cls_entry(tmp_path):
     path = saved(source('timm convit'), tmp_path / 'convit.pth')
     with pytest.raises(ValueError, match="not a ViT classifier"):
-        models.load_backbone(models.create_model('vitdet_tiny'), path)
+        weights.load_backbone(detection.create_detector('vitdet_tiny'), path)
 
 
 # The command line ---------------------------------------------------------------------------

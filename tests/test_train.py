@@ -17,8 +17,12 @@ import torch
 import torchvision
 from PIL import Image
 
+import cli
+import data
+import detection
 import models
 import train
+import weights
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ['--model', 'vit_tiny', '--img-size', '8', '--patch-size', '2', '--device', 'cpu']
@@ -112,13 +116,13 @@ RESUMABLE = TINY + ['--attn', 'fourier', '--depth', '2', '--limit', '192', '--ep
                     '--ema', '0.9', '--drop-path', '0.1', '--workers', '1']
 
 DIE_AFTER_SAVE = """
-import os, signal, sys, train
-save = train.save_atomic
+import os, signal, sys, train, weights
+save = weights.save_atomic
 def save_then_die(state, path):
     save(state, path)
     if path.name == 'last.pt' and state['epoch'] == 1:
         os.kill(os.getpid(), signal.SIGKILL)
-train.save_atomic = save_then_die
+weights.save_atomic = save_then_die
 train.main(sys.argv[1:])
 """
 
@@ -209,7 +213,7 @@ def test_finetune_keeps_the_body_and_builds_a_new_head(tmp_path, softmax_checkpo
     tree = png_tree(tmp_path / 'tree')
     args = train.parse_args(TINY + ['--attn', 'softmax', '--depth', '1', '--dataset', 'folder',
                                     '--data-path', str(tree)])
-    model = train.build_model(train.model_config(args, 3))
+    model = cli.build_model(cli.model_config(args, 3))
     fresh_head = model.head.weight.clone()
     train.finetune_from(model, softmax_checkpoint)
     source = torch.load(softmax_checkpoint, weights_only=True)['model']
@@ -228,7 +232,7 @@ def test_finetune_keeps_the_body_and_builds_a_new_head(tmp_path, softmax_checkpo
 def test_finetune_at_another_size_resizes_softmax_position_embeddings(softmax_checkpoint):
     args = train.parse_args(['--attn', 'softmax', '--depth', '1', '--img-size', '16',
                              '--patch-size', '2'])
-    model = train.build_model(train.model_config(args, 10))
+    model = cli.build_model(cli.model_config(args, 10))
     train.finetune_from(model, softmax_checkpoint)
     source = torch.load(softmax_checkpoint, weights_only=True)['model']['pos_embed']
     assert model.pos_embed.shape == (1, 65, 192)
@@ -239,7 +243,7 @@ def test_on_a_cpu_a_freed_tensor_is_reused_without_page_faults():
     """train.py's allocator settings (glibc): once three tensors have settled the heap, the
     16 MiB of a freed tensor serve the next one, whose fill then faults in almost no new pages
     (4,096 if they were mapped afresh, as they are again and again with glibc's defaults)."""
-    if not train.reuse_freed_memory():
+    if not cli.reuse_freed_memory():
         pytest.skip('not glibc')
 
     def faults():
@@ -494,7 +498,7 @@ def test_without_a_dataset_the_first_line_says_what_data_was_chosen(tmp_path, ca
         'digits, 64x64 px, patch 4, windows 4/4/4/2, 30 epochs, lr 0.000125'
 
 
-@pytest.mark.parametrize('name', models.list_models())
+@pytest.mark.parametrize('name', cli.MODEL_NAMES)
 def test_every_model_has_an_offline_default_it_can_learn_on(name):
     """The model train.py builds for `--model NAME` and no other flag: its task's offline data,
     no window of a single token (KArAt's operator would gate V by φ(q.k), unbounded: issue 16)
@@ -502,8 +506,8 @@ def test_every_model_has_an_offline_default_it_can_learn_on(name):
     args = train.parse_args(['--model', name])
     assert args.dataset == ('shapes' if name.startswith('vitdet') else 'digits')
     with torch.device('meta'):
-        model = train.build_model(train.model_config(args, train.DATASETS[args.dataset].classes))
-    windowed = (models.WindowAttention, models.ViTDetAttention)
+        model = cli.build_model(cli.model_config(args, data.DATASETS[args.dataset].classes))
+    windowed = (models.WindowAttention, detection.ViTDetAttention)
     windows = [m.window for m in model.modules() if isinstance(m, windowed)]
     assert min(windows, default=2) >= 2
     width = max(m.qkv.in_features for m in model.modules() if isinstance(m, models.Attention))
