@@ -38,8 +38,9 @@ import torch.nn.functional as F
 import detection
 import karat
 import models
-from cli import (M_MMAP_THRESHOLD, Fatal, Parser, attention_options, autocast, build_model, ints,
-                 model_arguments, model_config, optimizer_for, positive, reuse_freed_memory, say)
+from cli import (M_MMAP_THRESHOLD, Fatal, Parser, attention_options, autocast, build_model,
+                 default_device, device_name, ints, kernel_refusal, model_arguments, model_config,
+                 optimizer_for, positive, reuse_freed_memory, say)
 from data import DATASETS, apply_recipe
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
@@ -62,27 +63,7 @@ def path_names(text):
 
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(p)
-    g = p.add_argument_group('benchmark')
-    g.add_argument('--dataset', choices=[k for k, d in DATASETS.items() if not d.detection],
-                   help="only its number of classes and default sizes: the images are random "
-                        "(default digits; a vitdet_* model times a batch of synthetic shapes)")
-    g.add_argument('--batch-size', type=positive)
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--bench-steps', type=positive, default=20,
-                   help='timed steps per path, after warm-up')
-    g.add_argument('--paths', type=path_names, help=f"comma-separated, of {', '.join(PATHS)}")
-    g.add_argument('--compare', action='store_true',
-                   help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
-    g.add_argument('--call', type=ints, metavar='B,H,N,D',
-                   help='time one attention call (forward + backward), not a model')
-    g.add_argument('--ops', action='store_true',
-                   help='count the leaf ATen ops of one forward + backward instead of timing')
+    p = parser()
     args = p.parse_args(argv)
     if args.call and len(args.call) != 4:
         p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
@@ -100,9 +81,39 @@ def parse_args(argv=None):
     if args.attn == 'softmax' and args.paths != ['softmax']:
         p.error("--compare and --paths set KArAt (--attn, a basis) beside softmax; "
                 "got --attn softmax")
-    if 'triton' in args.paths and not cuda and os.environ.get('TRITON_INTERPRET') != '1':
-        p.error("the triton path runs on a CUDA GPU (or, for --ops, under TRITON_INTERPRET=1)")
+    if 'triton' in args.paths and kernel_refusal('triton', args.device):
+        p.error(kernel_refusal('triton', args.device))
     return apply_recipe(args)
+
+
+def parser():
+    p = Parser(description=__doc__.split('\n\n')[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
+    g = p.add_argument_group('benchmark')
+    g.add_argument('--dataset', choices=[k for k, d in DATASETS.items() if not d.detection],
+                   help="only its number of classes and default sizes: the images are random "
+                        "(default digits; a vitdet_* model times a batch of synthetic shapes)")
+    g.add_argument('--batch-size', type=positive,
+                   help="images per step (default: the dataset's recipe)")
+    g.add_argument('--device', type=device_name, default=default_device(),
+                   help='cpu, cuda or cuda:N (default cuda where there is one, else cpu)')
+    g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--seed', type=int, default=0, help='of the weights and the batch (default 0)')
+    g.add_argument('--bench-steps', type=positive, default=20,
+                   help='timed steps per path, after warm-up (default 20)')
+    g.add_argument('--paths', type=path_names,
+                   help=f"comma-separated, of {', '.join(PATHS)} (default: the one the flags "
+                        "choose)")
+    g.add_argument('--compare', action='store_true',
+                   help=f"--paths {','.join(COMPARED)} (and triton on a GPU)")
+    g.add_argument('--call', type=ints, metavar='B,H,N,D',
+                   help='time one attention call (forward + backward), not a model (default: a '
+                        'model)')
+    g.add_argument('--ops', action='store_true',
+                   help='count the leaf ATen ops of one forward + backward instead of timing')
+    return p
 
 
 # Memory ---------------------------------------------------------------------------------------
@@ -248,7 +259,7 @@ def benchmark(args):
         batch = run['info']['batch']
         print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp,
                               compile=args.compile,
-                              img_per_s=round(batch * len(run['times']) / sum(run['times']), 2),
+                              img_per_s=round(batch / statistics.median(run['times']), 2),
                               step_ms=round(1000 * statistics.median(run['times']), 2),
                               peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1),
                               steps=len(run['times']))), flush=True)

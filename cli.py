@@ -6,7 +6,9 @@ its code, before anything is written.
 """
 import argparse
 import ctypes
+import importlib.util
 import math
+import os
 import sys
 from dataclasses import fields
 
@@ -30,6 +32,12 @@ def say(line):
     """One line on stderr in one write, so that lines of several processes never interleave."""
     sys.stderr.write(line + '\n')
     sys.stderr.flush()
+
+
+def last_line(error):
+    """An error's own line: a data loader worker's error carries the worker's traceback first."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].split('Fatal: ', 1)[-1] if len(lines) > 1 else str(error)
 
 
 # Parsing --------------------------------------------------------------------------------------
@@ -76,19 +84,21 @@ def ints(text):
 
 
 def rank_value(text):
+    """'full' -> None, the full N x N operator; else an integer r >= 1."""
     if text == 'full':
         return None
     try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an integer r or 'full'") from None
+        return positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: an integer r >= 1, or 'full' "
+                                         "for the full N x N operator") from None
 
 
 # The model's flags ----------------------------------------------------------------------------
 # KArAt's flags are the fields of karat.AttentionConfig (what it is) and fast.Computation (how it
 # is computed), parsed here and checked there, once.
 
-PARSE = {'grid': int, 'rank': rank_value, 'chunk_elements': int}
+PARSE = {'grid': positive, 'rank': rank_value, 'chunk_elements': positive}
 ARCH_FLAGS = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'window_size', 'drop_path_rate')
 MODEL_NAMES = models.list_models() + sorted(detection.DETECTORS)
 
@@ -165,6 +175,49 @@ def optimizer_for(model, args):
 
 
 # The device -----------------------------------------------------------------------------------
+
+def devices_here():
+    """The device types this machine can run a model on."""
+    return (['cpu'] + ['cuda'] * torch.cuda.is_available()
+            + ['mps'] * torch.backends.mps.is_available())
+
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
+def device_name(text):
+    """An argparse type: a device of this machine, as torch names it ('cpu', 'cuda', 'cuda:1')."""
+    here = devices_here()
+    allowed = ', '.join(here + ([f'cuda:0..{torch.cuda.device_count() - 1}'] if 'cuda' in here
+                                else []))
+    try:
+        kind = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; allowed here: {allowed}") \
+            from None
+    if kind.type not in here:
+        none = 'no CUDA GPU' if kind.type == 'cuda' else f"no {kind.type} device"
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {none}; allowed here: "
+                                         f"{allowed}")
+    if kind.type == 'cuda' and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA GPU(s); allowed here: {allowed}")
+    return text
+
+
+def kernel_refusal(kernel, device):
+    """Why `--kernel triton` cannot run on this device, or None: the fused kernels need Triton
+    and a CUDA GPU (or Triton's interpreter, TRITON_INTERPRET=1)."""
+    if kernel != 'triton':
+        return None
+    if importlib.util.find_spec('triton') is None:
+        return "--kernel triton needs Triton (pip install triton); allowed here: torch, auto"
+    if not device.startswith('cuda') and os.environ.get('TRITON_INTERPRET') != '1':
+        return (f"--kernel triton runs the fused kernels on a CUDA GPU, got --device {device}; "
+                "allowed here: --kernel torch or auto")
+    return None
+
 
 def autocast(args):
     return torch.autocast(args.device.split(':')[0], dtype=torch.bfloat16, enabled=args.amp)

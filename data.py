@@ -72,7 +72,7 @@ def scaled_lr(lr, width, args):
     """A recipe's lr, tuned on a model `width` wide, for args.model: Adam moves every weight by
     about lr a step, so a logit q.k moves by about lr times the width, and KArAt's φ, unlike
     softmax, never saturates to stop it. Swin-T on digits at ViT-Tiny's 5e-4 fell from 93.6% to
-    82.8% at the peak lr, its 768-wide logits at ~40; at 1e-4, 98.9% (README, Training)."""
+    82.8% at the peak lr, its 768-wide logits at ~40; at 1e-4, 98.9% (docs/training.md)."""
     return lr * (width / widest(args))
 
 

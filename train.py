@@ -82,23 +82,25 @@ import karat  # noqa: E402
 import models  # noqa: E402
 import weights  # noqa: E402
 from cli import (ARCH_FLAGS, Fatal, Parser, attention_options, autocast, build_model,  # noqa: E402
-                 model_arguments, model_config, natural, non_negative, number, optimizer_for,
-                 positive, reuse_freed_memory, say)
+                 default_device, device_name, kernel_refusal, last_line, model_arguments,
+                 model_config, natural, non_negative, number, optimizer_for, positive,
+                 reuse_freed_memory, say)
 from data import (CLASSIFICATION_ONLY, DATASETS, apply_recipe,  # noqa: E402
                   classification_datasets)
 
 
 def main(argv=None):
-    prefix, previous = process_name(), catch_interrupts()
+    prefix, previous, args = process_name(), catch_interrupts(), None
     try:
-        train(parse_args(argv))
+        args = parse_args(argv)
+        train(args)
     except Fatal as e:
-        # from a loader worker: the worker's traceback, ours on its last line
-        lines = str(e).splitlines()
-        say(f"{prefix}: error: {lines[-1].split('Fatal: ', 1)[-1] if len(lines) > 1 else e}")
+        say(f"{prefix}: error: {last_line(e)}")
         sys.exit(e.code)
     except KeyboardInterrupt:
-        say(f"{prefix}: interrupted; the checkpoints written so far are intact")
+        where = 'nothing was written' if args is None or args.eval_only else next_step(
+            output_dir(args))
+        say(f"{prefix}: interrupted; {where}")
         sys.exit(130)
     finally:
         if dist.is_initialized():
@@ -113,8 +115,14 @@ def train(args):
     ckpt = load_checkpoint(args.resume) if args.resume else None
     check_model_flags(args, ckpt, DATASETS[args.dataset].classes)
     out = output_dir(args)
+    if ckpt and not args.eval_only and ckpt.get('epoch', 0) >= args.epochs:
+        if rank == 0:
+            print(f"{args.resume} has finished its {ckpt['epoch']} epochs: nothing left to run; "
+                  f"--resume {args.resume} --epochs N, N > {ckpt['epoch']}, extends it",
+                  flush=True)
+        return
     if rank == 0 and not args.eval_only:
-        claim(out, args)
+        check_output(out, args)
         if ckpt:
             print(f"resuming {args.resume}: {chosen(args, ckpt['config'])}", flush=True)
         elif 'dataset' not in args.given:
@@ -160,7 +168,8 @@ def train(args):
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             raise Fatal(f"{args.resume} cannot be resumed with these options "
                         f"({str(e).splitlines()[0]})") from None
-    if rank == 0:
+    if rank == 0:  # the run's first file: nothing is written before this point
+        make_output(out, args)
         (out / 'args.json').write_text(
             json.dumps(dict(vars(args), world_size=world), indent=2) + '\n')
         # the log is rewritten from the checkpoint, so a kill between checkpoint and log
@@ -209,12 +218,13 @@ def fit(run, train_loader, test_loader, out, start_epoch, best, history):
         tic = time.time()
         try:
             stats = train_one_epoch(run, train_loader, epoch)
+            row = dict(epoch=epoch + 1, **stats, **evaluate(run, test_loader),
+                       epoch_time=time.time() - tic)
         except NonFinite as e:
-            kept = (f"{out / 'last.pt'} (epoch {epoch}) is intact" if epoch
-                    else "no checkpoint was written")
-            raise Fatal(f"{e}; stopping, {kept}") from None
-        row = dict(epoch=epoch + 1, **stats, **evaluate(run, test_loader),
-                   epoch_time=time.time() - tic)
+            half = f" --lr {args.lr / 2:.3g}"
+            raise Fatal(f"{e}; stopping. With half the peak lr, {next_step(out, half)}") from None
+        except Fatal as e:  # a file that cannot be read, in the main process or a loader worker
+            raise Fatal(f"{last_line(e)}, then {next_step(out)}", e.code) from None
         history.append(row)
         if not leader:
             continue
@@ -306,60 +316,9 @@ def all_sum(t):
 # Command line ---------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = Parser(description=__doc__.split('\n\n')[0],
-               formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_arguments(p)
-    g = p.add_argument_group('data')
-    g.add_argument('--dataset', choices=list(DATASETS),
-                   help='default: digits; shapes for the vitdet_* models')
-    g.add_argument('--data-path', default='data',
-                   help="torchvision's root, or a folder with train/ and val/ (default data)")
-    g.add_argument('--download', action='store_true',
-                   help="fetch a torchvision dataset into --data-path if it is not there")
-    g.add_argument('--limit', type=positive,
-                   help='train and test on at most this many images of each split (default all)')
-    g.add_argument('--workers', type=natural,
-                   help="data loading processes per training process (default: the recipe's)")
-    g = p.add_argument_group("recipe (defaults: the dataset's recipe, data.py)")
-    for flag, kind, what in (
-            ('--epochs', positive, 'passes over the training set'),
-            ('--batch-size', positive, 'images per step, per process'),
-            ('--lr', non_negative, 'peak learning rate (default base-lr x total batch / 512)'),
-            ('--base-lr', non_negative, 'learning rate of a total batch of 512'),
-            ('--min-lr', non_negative, 'learning rate at the end of the cosine'),
-            ('--warmup-epochs', non_negative, 'epochs of linear warmup'),
-            ('--warmup-lr', non_negative, 'learning rate at the start of the warmup'),
-            ('--weight-decay', non_negative, "AdamW's, on weights but biases, norms and tables"),
-            ('--opt-eps', number(float, 0.0, low_open=True), "AdamW's eps"),
-            ('--clip-grad', non_negative, 'largest gradient norm; 0 = off'),
-            ('--smoothing', number(float, 0.0, 1.0), 'label smoothing'),
-            ('--mixup', non_negative, 'Mixup alpha; 0 = off'),
-            ('--cutmix', non_negative, 'CutMix alpha; 0 = off'),
-            ('--ema', number(float, 0.0, 1.0), 'EMA decay per step; 0 = off')):
-        g.add_argument(flag, type=kind, help=what)
-    g.add_argument('--augment', choices=('paper', 'light', 'none'),
-                   help='paper: RandomResizedCrop, flip, RandAugment, jitter; '
-                        'light: pad-and-crop, flip')
-    g = p.add_argument_group('run')
-    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
-                   help='cpu, cuda or cuda:N (default cuda where there is one)')
-    g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model')
-    g.add_argument('--seed', type=int, default=0,
-                   help='of the weights, the shuffling and the augmentation (default 0)')
-    g.add_argument('--output-dir',
-                   help="default: runs/<model>_<attn>_<dataset>, or the --resume checkpoint's "
-                        "folder")
-    g.add_argument('--overwrite', action='store_true',
-                   help='replace the run already in --output-dir')
-    g.add_argument('--resume', metavar='PATH',
-                   help="continue exactly from a checkpoint, with its run's flags but those given")
-    g.add_argument('--finetune', metavar='PATH',
-                   help="start from a train.py, timm or torchvision checkpoint's weights, new head")
-    g.add_argument('--keep-head', action='store_true',
-                   help="with --finetune: keep the checkpoint's classifier head (same classes)")
-    g.add_argument('--eval-only', action='store_true',
-                   help='evaluate the --resume checkpoint and exit')
+    """The flags, those not given filled from the --resume run and the dataset's recipe, every
+    refusal decided here or before anything is written."""
+    p = parser()
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     args.given = {a.dest: a.option_strings[0] for a in p._actions
@@ -387,7 +346,69 @@ def parse_args(argv=None):
         p.error("--keep-head keeps a classifier's head from the --finetune PATH checkpoint")
     if args.resume and args.finetune:
         p.error('--resume continues a run, --finetune starts a new one: give one of them')
+    if kernel_refusal(args.kernel, args.device):
+        p.error(kernel_refusal(args.kernel, args.device))
     return apply_recipe(args)
+
+
+def parser():
+    p = Parser(description=__doc__.split('\n\n')[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    model_arguments(p)
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', choices=list(DATASETS),
+                   help='what to train on (default: digits; shapes for the vitdet_* models)')
+    g.add_argument('--data-path', default='data',
+                   help="torchvision's root, or a folder with train/ and val/ (default data)")
+    g.add_argument('--download', action='store_true',
+                   help="fetch a torchvision dataset into --data-path if it is not there")
+    g.add_argument('--limit', type=positive,
+                   help='train and test on at most this many images of each split (default all)')
+    g.add_argument('--workers', type=natural,
+                   help="data loading processes per training process (default: the recipe's)")
+    g = p.add_argument_group("recipe (defaults: the dataset's recipe in data.py)")
+    for flag, kind, what in (
+            ('--epochs', positive, 'passes over the training set'),
+            ('--batch-size', positive, 'images per step, per process'),
+            ('--lr', non_negative, 'peak learning rate; recipes: base-lr x total batch / 512'),
+            ('--base-lr', non_negative, 'learning rate of a total batch of 512'),
+            ('--min-lr', non_negative, 'learning rate at the end of the cosine'),
+            ('--warmup-epochs', non_negative, 'epochs of linear warmup'),
+            ('--warmup-lr', non_negative, 'learning rate at the start of the warmup'),
+            ('--weight-decay', non_negative, "AdamW's, on weights but biases, norms and tables"),
+            ('--opt-eps', number(float, 0.0, low_open=True), "AdamW's eps"),
+            ('--clip-grad', non_negative, 'largest gradient norm; 0 = off'),
+            ('--smoothing', number(float, 0.0, 1.0), 'label smoothing'),
+            ('--mixup', non_negative, 'Mixup alpha; 0 = off'),
+            ('--cutmix', non_negative, 'CutMix alpha; 0 = off'),
+            ('--ema', number(float, 0.0, 1.0), 'EMA decay per step; 0 = off')):
+        g.add_argument(flag, type=kind, help=f"{what} (default: the recipe's)")
+    g.add_argument('--augment', choices=('paper', 'light', 'none'),
+                   help="paper: RandomResizedCrop, flip, RandAugment, jitter; light: pad-and-crop, "
+                        "flip (default: the recipe's)")
+    g = p.add_argument_group('run')
+    g.add_argument('--device', type=device_name, default=default_device(),
+                   help='cpu, cuda or cuda:N (default cuda where there is one, else cpu)')
+    g.add_argument('--amp', action='store_true', help='bfloat16 autocast')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model')
+    g.add_argument('--seed', type=int, default=0,
+                   help='of the weights, the shuffling and the augmentation (default 0)')
+    g.add_argument('--output-dir',
+                   help="where the run's files go (default: runs/<model>_<attn>_<dataset>, or "
+                        "the --resume checkpoint's folder)")
+    g.add_argument('--overwrite', action='store_true',
+                   help='replace the run already in --output-dir')
+    g.add_argument('--resume', metavar='PATH',
+                   help="continue exactly from a checkpoint, with its run's flags but those given "
+                        "(default: a new run)")
+    g.add_argument('--finetune', metavar='PATH',
+                   help="start from a train.py, timm or torchvision checkpoint's weights, new head "
+                        "(default: from init)")
+    g.add_argument('--keep-head', action='store_true',
+                   help="with --finetune: keep the checkpoint's classifier head (same classes)")
+    g.add_argument('--eval-only', action='store_true',
+                   help='evaluate the --resume checkpoint and exit')
+    return p
 
 
 # Tasks ----------------------------------------------------------------------------------------
@@ -517,6 +538,7 @@ MODEL_FLAGS = ('model', *(f.name for f in fields(karat.AttentionConfig)), 'img_s
 INVOCATION = ('resume', 'finetune', 'keep_head', 'eval_only', 'output_dir', 'overwrite',
               'download', 'device', 'workers', 'compile', 'given', *fast.HOW)
 RUN_FILES = ('args.json', 'log.jsonl', 'last.pt', 'best.pt', 'curves.png')
+CHECKPOINTS = ('last.pt', 'best.pt')  # a folder without them holds no run worth keeping
 
 
 def checkpoint(run, epoch, best, history):
@@ -531,22 +553,41 @@ def output_dir(args):
                                     Path('runs') / f"{args.model}_{args.attn}_{args.dataset}"))
 
 
-def claim(out, args):
-    """Make the output folder; one holding another run is refused unless --resume continues
-    that run or --overwrite replaces it (its run files are then deleted first)."""
-    held = [name for name in RUN_FILES if (out / name).exists()]
-    continued = args.resume and Path(args.resume).resolve().parent == out.resolve()
-    if held and not continued and not args.overwrite:
-        raise Fatal(f"{out} holds a run ({', '.join(held)}): --resume {out / 'last.pt'} "
+def check_output(out, args):
+    """Refuse, before anything is written, an output folder that holds another run's checkpoint
+    (unless --resume continues it or --overwrite replaces it) or that cannot be written. A run
+    that stopped before its first checkpoint left nothing to keep: its folder is reused."""
+    held = [name for name in CHECKPOINTS if (out / name).exists()]
+    if held and not continues(out, args) and not args.overwrite:
+        raise Fatal(f"{out} holds a run ({', '.join(held)}): --resume {out / held[0]} "
                     f"continues it, --overwrite replaces it, or give another --output-dir")
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        reason = 'not a folder' if not existing.is_dir() else 'permission denied'
+        raise Fatal(f"cannot write to --output-dir {out}: {existing} is {reason}")
+
+
+def make_output(out, args):
+    """The output folder, emptied of the run files of the run it replaces."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        for name in held if args.overwrite and not continued else ():
-            (out / name).unlink()
+        for name in RUN_FILES if not continues(out, args) else ():
+            (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise Fatal(f"cannot write to --output-dir {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise Fatal(f"cannot write to --output-dir {out}: permission denied")
+
+
+def continues(out, args):
+    return args.resume and Path(args.resume).resolve().parent == out.resolve()
+
+
+def next_step(out, flags=''):
+    """The command that goes on from where a stopped run left `out`, with `flags` added."""
+    last = out / 'last.pt'
+    if last.exists():
+        return f"--resume {last}{flags} continues it from its last checkpoint"
+    return f"the same command{' with' + flags if flags else ''} starts it again (nothing was " \
+           "saved yet)"
 
 
 def check_model_flags(args, ckpt, classes):

@@ -101,7 +101,7 @@ LAYOUTS = {
         (r'^features\.(\d+)\.(\d+)\.', lambda m: swin_block(int(m[1]) // 2, int(m[2]))),
         (r'^features\.(\d+)\.(reduction|norm)\.', lambda m: f"stages.{int(m[1]) // 2}.0.{m[2]}."),
         (r'\.mlp\.3\.', '.mlp.2.'), (r'\.relative_position_index$', None)]),  # ours: a fixed buffer
-    'this project': ('patch_embed.weight', []),
+    'train.py': ('patch_embed.weight', []),  # this project's
 }
 
 
@@ -257,6 +257,19 @@ WEIGHT_LIKE = ('coef', 'w', 'a', 'w_base', 'W')  # operator tensors that scale a
 # (tau, s and the rational denominator's b shape it and are only resampled)
 
 
+def why_not(state, owner, operators):
+    """What differs between a classifier's and a detector's architecture, for a message: the
+    rank where the classifier's was capped at its N, else the candidates."""
+    W = state.get(owner[0] + '.attend.operator.W') if owner[1] else None
+    operator = operators.get(owner[0] + '.attend.operator')
+    if W is not None and operator.rank is not None and W.shape[-1] != operator.rank:
+        r, N = W.shape[-1], W.shape[1]
+        capped = f", capped at its N = {N} tokens (r = min(r, N))" if r == N else ''
+        return (f"its operators have rank {r}{capped}, the detector's {operator.rank}: give the "
+                f"detector --rank {r}, or start from a classifier of the detector's rank")
+    return 'embed_dim, heads, rank or attention'
+
+
 def resample_operator(t, operator, name):
     """A classifier's KArAt tensor for a detector operator over N' keys (see `load_backbone`)."""
     for axis in operator.key_axes(name):
@@ -307,7 +320,7 @@ def load_backbone(detector, checkpoint):
         if theirs.shape != mine.shape:
             raise ValueError(f"{key} is {tuple(theirs.shape)} after the rule but the detector's "
                              f"is {tuple(mine.shape)}: the {layout} classifier is another "
-                             "architecture (embed_dim, heads, rank or attention)")
+                             f"architecture ({why_not(state, owner, operators)})")
         loaded[key] = theirs
     backbone.load_state_dict(loaded, strict=False)
     vit_keys = {k for k in backbone.state_dict() if not k.startswith('pyramid.')}

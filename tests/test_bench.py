@@ -18,6 +18,8 @@ def test_benchmark_prints_one_json_line():
     assert {k: result[k] for k in ('model', 'attn', 'naive', 'batch')} == dict(
         model='vit_tiny', attn='fourier', naive=True, batch=8)
     assert result['step_ms'] > 0 and result['img_per_s'] > 0 and result['peak_mem_mb'] > 0
+    # both figures from the median step: images per second is the batch over it
+    assert result['img_per_s'] == pytest.approx(8 * 1000 / result['step_ms'], rel=1e-3)
     assert result['device'].startswith('cpu')
 
 

@@ -185,6 +185,18 @@ def test_load_backbone_reads_a_train_checkpoint_file_and_rejects_other_architect
         weights.load_backbone(detector(), {'weight': torch.zeros(1)})
 
 
+def test_a_classifier_whose_rank_was_capped_at_its_few_tokens_is_refused_saying_so():
+    """At 32 px a classifier has N = 2² + 1 = 5 tokens, so its r = 12 is capped at 5; the
+    detector's operators have r = 12: the message names both ranks and the flag that fits."""
+    small = models.create_model('vit_tiny', attn='fourier', img_size=32, patch_size=16,
+                                embed_dim=96, depth=4, num_heads=3)
+    with pytest.raises(ValueError, match=r"the train.py classifier is another architecture \(its "
+                                         r"operators have rank 5, capped at its N = 5 tokens .*, "
+                                         r"the detector's 12: give the detector --rank 5"):
+        weights.load_backbone(detector('fourier'), dict(model=small.state_dict(),
+                                                        config=small.config))
+
+
 # Data and evaluation -------------------------------------------------------------------------
 
 def test_shapes_boxes_are_exactly_their_masks_bounding_boxes():

@@ -321,7 +321,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
                                  'it lacks blocks.1.'),
         'other classes': (['--dataset', 'folder',
                            '--data-path', str(png_tree(tmp_path / 'tree', 6)),
-                           '--resume', str(softmax_checkpoint)], '--finetune'),
+                           '--resume', str(softmax_checkpoint), '--epochs', '2'], '--finetune'),
         'unknown model': (['--model', 'vit_huge'], 'vit_huge'),
         'unknown attention': (['--attn', 'sigmoid'], 'sigmoid'),
         'image not a multiple of the patch': (['--img-size', '30', '--patch-size', '4'],
@@ -338,7 +338,7 @@ def test_bad_input_is_one_line_and_a_non_zero_exit(case, tmp_path, capsys, softm
                                               '--img-size', '30', '--patch-size', '4'], 'multiple'),
         'output under a file': (['--output-dir', write(tmp_path / 'file', b'') + '/run'],
                                 'cannot write'),
-        'softmax with grid zero': (['--attn', 'softmax', '--grid', '0'], 'grid size G'),
+        'softmax with grid zero': (['--attn', 'softmax', '--grid', '0'], '--grid'),
     }[case]
     assert expect in fails(TINY + ['--epochs', '1', '--output-dir', str(tmp_path / 'out')] + argv,
                            capsys)
