@@ -6,10 +6,13 @@
         --amp --device cuda
     python bench.py --paths torch,naive --attn bspline --img-size 32 --patch-size 4 --batch-size 64
     python bench.py --compare --call 32,3,197,64 --amp    # one attention call, forward + backward
+    python bench.py --compare --call 2048,3,49,32 --bias --forward-only --amp
+                                                # Swin-T's first-stage windows, forward alone
     python bench.py --compare --model vitdet_base --grid 1 --mode universal --img-size 1024 \\
         --batch-size 2 --amp                               # ViTDet + Mask R-CNN on shapes
     TRITON_INTERPRET=1 python bench.py --ops --paths softmax,torch,triton --img-size 32
-    python bench.py --gpu DIR    # on a GPU: tests/test_gpu.py and the README's GPU rows, into DIR
+    python bench.py --gpu DIR            # on a GPU: the suite of GPU_PLAN, ~8 minutes, into DIR
+    python bench.py --gpu DIR --quick    # its headline rows, ~3 minutes
 
 A path is one way of computing a model: softmax attention, KArAt by its PyTorch path or its fused
 Triton kernels, or KArAt by the naive materialised formula. The paths of one run are built and
@@ -20,16 +23,26 @@ Peak memory counts weights, gradients, optimiser state and activations: the grow
 the model was built to the peak of two steps (GPU: torch.cuda.max_memory_allocated; CPU: the
 resident set's high-water mark, VmHWM, reset through /proc/self/clear_refs). The model's flags are
 train.py's; no dataset is read.
+
+The GPU suite (`--gpu DIR`) runs the rows of GPU_PLAN in turn, most important first, each in a
+fresh process, within a time budget that counts compiling and autotuning: a row still running
+when the budget is spent is stopped, and the rows after it are recorded as skipped. Each result
+is written into DIR as it comes: rows.jsonl (a row's status, seconds and last line of output),
+bench.jsonl (the rows' JSON lines; the triton path's with the config autotune chose for each
+kernel), logs/ (a row's command and output) and summary.md (the README's GPU table).
 """
 import argparse
 import ctypes
 import json
 import os
 import re
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import torch
@@ -40,7 +53,7 @@ import karat
 import models
 from cli import (M_MMAP_THRESHOLD, Fatal, Parser, attention_options, autocast, build_model,
                  default_device, device_name, ints, kernel_refusal, model_arguments, model_config,
-                 optimizer_for, positive, reuse_freed_memory, say)
+                 number, optimizer_for, positive, reuse_freed_memory, say)
 from data import DATASETS, apply_recipe
 
 # A path: its name and the model flags it sets. --compare runs COMPARED (on a GPU also
@@ -65,8 +78,12 @@ def path_names(text):
 def parse_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
+    if args.gpu is not None or args.quick or args.budget is not None:
+        return suite_args(p, args)
     if args.call and len(args.call) != 4:
         p.error(f"--call takes B,H,N,D (batch, heads, tokens, head dim), got {args.call}")
+    if (args.bias or args.forward_only) and not args.call:
+        p.error("--bias and --forward-only shape a --call B,H,N,D; got no --call")
     detector = args.model.startswith('vitdet')
     if detector and (args.dataset or args.call or args.ops or args.compile):
         p.error(f"--model {args.model} times a detector's train step on synthetic shapes, "
@@ -84,6 +101,27 @@ def parse_args(argv=None):
     if 'triton' in args.paths and kernel_refusal('triton', args.device):
         p.error(kernel_refusal('triton', args.device))
     return apply_recipe(args)
+
+
+def suite_args(p, args):
+    """--gpu DIR with --quick and --budget alone, on a machine with CUDA, into a new or empty
+    folder; the budget defaults to the form's."""
+    if args.gpu is None:
+        p.error("--quick and --budget shape a --gpu DIR run; got no --gpu")
+    defaults = vars(p.parse_args([]))
+    others = [a.option_strings[0] for a in p._actions if a.dest not in ('gpu', 'quick', 'budget')
+              and a.dest in defaults and getattr(args, a.dest) != defaults[a.dest]]
+    if others:
+        p.error(f"--gpu runs the rows of GPU_PLAN, each with its own flags: beside it only "
+                f"--quick and --budget, got {' '.join(others)}")
+    if not torch.cuda.is_available():
+        raise Fatal("--gpu needs a CUDA GPU; this machine has none (torch.cuda.is_available() "
+                    "is False)", code=2)
+    if args.gpu.exists() and (not args.gpu.is_dir() or any(args.gpu.iterdir())):
+        raise Fatal(f"--gpu {args.gpu}: it exists and is not an empty folder; give a new one "
+                    "(the suite appends its results)", code=2)
+    args.budget = args.budget or BUDGET_S['quick' if args.quick else 'full']
+    return args
 
 
 def parser():
@@ -111,8 +149,27 @@ def parser():
     g.add_argument('--call', type=ints, metavar='B,H,N,D',
                    help='time one attention call (forward + backward), not a model (default: a '
                         'model)')
+    g.add_argument('--bias', action='store_true',
+                   help="with --call: add a learnable (H, N, N) bias to the logits, as Swin's "
+                        "relative position bias, and time its gradient (default: no bias)")
+    g.add_argument('--forward-only', action='store_true',
+                   help='with --call: time the forward alone, without autograd (default: '
+                        'forward + backward)')
     g.add_argument('--ops', action='store_true',
                    help='count the leaf ATen ops of one forward + backward instead of timing')
+    s = p.add_argument_group('GPU suite')
+    s.add_argument('--gpu', type=Path, metavar='DIR',
+                   help="on a CUDA GPU: run the rows of GPU_PLAN (tests/test_gpu.py and the "
+                        "README's GPU table), each in a fresh process, writing results into DIR, "
+                        "a new folder, as they come; about 8 minutes (default: no suite)")
+    s.add_argument('--quick', action='store_true',
+                   help='with --gpu: one correctness test per family and the headline rows '
+                        'alone, about 3 minutes (default: every row)')
+    s.add_argument('--budget', type=number(float, 0.0, low_open=True), metavar='SECONDS',
+                   help='with --gpu: seconds the suite may take, compiling and autotuning '
+                        'included; a row still running then is stopped, and the rows after it '
+                        f"are recorded as skipped (default {BUDGET_S['full']}, "
+                        f"{BUDGET_S['quick']} with --quick)")
     return p
 
 
@@ -188,7 +245,10 @@ def detector_step(args, path, device, cuda):
 
 
 def attention_step(args, path, device, cuda):
-    """Forward and backward of one attention call on random q, k, v (b h N d) by `path`."""
+    """One attention call on random q, k, v (b h N d) by `path`: forward and backward, or under
+    --forward-only the forward alone with autograd off (what inference runs). Under --bias the
+    logits get a learnable float32 (h, N, N) bias, as Swin's windows do, and backward its
+    gradient, summed over the b windows."""
     b, h, N, d = args.call
     flags = argparse.Namespace(**vars(args) | PATHS[path])
     torch.manual_seed(args.seed)
@@ -197,16 +257,18 @@ def attention_step(args, path, device, cuda):
     dtype = torch.bfloat16 if args.amp else torch.float32
     q, k, v = (torch.randn(b, h, N, d, device=device, dtype=dtype, requires_grad=True)
                for _ in range(3))
+    bias = (0.02 * torch.randn(h, N, N, device=device)).requires_grad_() if args.bias else None
     grad = torch.randn(b, h, N, d, device=device, dtype=dtype)
 
     def step():
-        with autocast(args):
-            out = attend(q, k, v)
-        out.backward(grad)
+        with autocast(args), torch.set_grad_enabled(not args.forward_only):
+            out = attend(q, k, v, bias)
+        if not args.forward_only:
+            out.backward(grad)
         if cuda:
             torch.cuda.synchronize()
     return step, dict(model='attention', attn=flags.attn, naive=not flags.efficient, batch=b,
-                      heads=h, N=N, d=d)
+                      heads=h, N=N, d=d, bias=args.bias, backward=not args.forward_only)
 
 
 def benchmark(args):
@@ -255,6 +317,7 @@ def benchmark(args):
             run['times'].append(time.perf_counter() - tic)
     name = (f"cuda ({torch.cuda.get_device_name(device)})" if cuda
             else f"cpu ({torch.get_num_threads()} threads)")
+    chosen = {'configs': autotuned()} if 'triton' in args.paths else {}
     for run in runs:
         batch = run['info']['batch']
         print(json.dumps(dict(**run['info'], path=run['path'], device=name, amp=args.amp,
@@ -262,7 +325,24 @@ def benchmark(args):
                               img_per_s=round(batch / statistics.median(run['times']), 2),
                               step_ms=round(1000 * statistics.median(run['times']), 2),
                               peak_mem_mb=None if run['peak'] is None else round(run['peak'], 1),
-                              steps=len(run['times']))), flush=True)
+                              steps=len(run['times']),
+                              **(chosen if run['path'] == 'triton' else {}))), flush=True)
+
+
+def autotuned():
+    """The config Triton's autotune chose for each kernel of kernels.py that ran, by kernel name
+    ('; '-joined where it ran at several shapes and chose differently): read from every
+    Autotuner the module holds, whatever the kernels are called."""
+    from triton.runtime.autotuner import Autotuner
+    kernels = sys.modules.get('kernels')
+    chosen = {}
+    for name, fn in vars(kernels).items() if kernels else ():
+        while fn is not None and not isinstance(fn, Autotuner):  # under triton.heuristics
+            fn = getattr(fn, 'fn', None)
+        configs = fn and (list(fn.cache.values()) or [getattr(fn, 'best_config', None)])
+        if configs and configs[0] is not None:
+            chosen[name] = '; '.join(dict.fromkeys(map(str, configs)))
+    return chosen
 
 
 def count_ops(args):
@@ -291,48 +371,181 @@ def count_ops(args):
                               fused_ops=sum(map(fused, ops)))), flush=True)
 
 
-# The README's GPU table: one bench.py call a row, all run by `python bench.py --gpu`.
-GPU_ROWS = [
-    '--compare --img-size 224 --patch-size 16 --batch-size 32 --amp',
-    '--compare --img-size 224 --patch-size 16 --batch-size 32',
-    '--compare --img-size 32 --patch-size 4 --batch-size 64 --amp',
-    '--compare --rank full --img-size 224 --patch-size 16 --batch-size 32 --amp',
-    '--compare --call 32,3,197,64 --amp',
-    '--compare --grid 1 --mode universal --call 1,12,4096,64 --amp',
-    '--compare --model vitdet_base --grid 1 --mode universal --img-size 1024 --batch-size 2 --amp',
+# The GPU suite ------------------------------------------------------------------------------
+# `bench.py --gpu DIR` runs these rows in this order, most important first, each `python` + its
+# words in the repository, on the GPU; `--quick` runs the rows marked quick. Models and calls are
+# Fourier, G = 3, r = 12, blockwise unless a row says otherwise; --compare on a GPU runs softmax
+# (SDPA), the torch path, the triton path and the naive formula side by side. `what` is the row
+# of the README's GPU table it fills.
+Row = namedtuple('Row', 'quick what command')
+ONE_TEST_PER_FAMILY = 'equals_the_definition and 49-shift-12'  # Swin's bias and mask, r = 12
+VIT_TINY = '--img-size 224 --patch-size 16 --batch-size 32'
+GPU_PLAN = [
+    Row(True, 'GPU tests: one correctness test per family',
+        f'-m pytest tests/test_gpu.py -v -k "{ONE_TEST_PER_FAMILY}"'),
+    Row(True, 'ViT-Tiny, 224 px, batch 32, train step', f'bench.py --compare {VIT_TINY} --amp'),
+    Row(True, 'one call, b 32, h 3, N 197, d 64, forward + backward',
+        'bench.py --compare --call 32,3,197,64 --amp'),
+    Row(True, 'the same call, forward alone',
+        'bench.py --compare --call 32,3,197,64 --forward-only --amp'),
+    Row(False, "one call of Swin-T's first stage: 2,048 windows, h 3, N 49, d 32, (h, N, N) "
+               "bias, forward + backward", 'bench.py --compare --call 2048,3,49,32 --bias --amp'),
+    Row(False, 'the same call, forward alone',
+        'bench.py --compare --call 2048,3,49,32 --bias --forward-only --amp'),
+    Row(False, 'GPU tests: the rest of tests/test_gpu.py',
+        f'-m pytest tests/test_gpu.py -v -k "not ({ONE_TEST_PER_FAMILY})"'),
+    Row(False, 'full rank (r = N = 197), batch 32', f'bench.py --compare --rank full {VIT_TINY} '
+                                                    '--amp'),
+    Row(False, 'ViT-Tiny, 224 px, batch 32, train step, float32',
+        f'bench.py --compare {VIT_TINY}'),
+    Row(False, 'ViT-Tiny, 32 px (N = 65), batch 64',
+        'bench.py --compare --img-size 32 --patch-size 4 --batch-size 64 --amp'),
+    Row(False, 'one ViTDet global-attention call, h 12, N 4096, d 64, G 1',
+        'bench.py --compare --grid 1 --mode universal --call 1,12,4096,64 --amp'),
+    Row(False, 'ViTDet-Base + Mask R-CNN, 1024 px, Fourier G1U, batch 2',
+        'bench.py --compare --model vitdet_base --grid 1 --mode universal --img-size 1024 '
+        '--batch-size 2 --amp'),
 ]
+# Seconds for the whole suite, so that it ends within 8 and 3 minutes from a cold start: about
+# 10 s go to starting Python and CUDA before the first row.
+BUDGET_S = {'full': 470, 'quick': 170}
+MIN_ROW_S = 15  # starting a row's Python, torch and CUDA takes about this; less left: skipped
+ROOT = Path(__file__).resolve().parent
+# Rows print as they go; compiled kernels and autotune choices are cached on disk for later rows.
+ROW_ENV = {**os.environ, 'TRITON_INTERPRET': '0', 'PYTHONUNBUFFERED': '1',
+           'TRITON_CACHE_AUTOTUNING': '1'}
 
 
-def gpu_suite(out):
-    """tests/test_gpu.py, then every row of GPU_ROWS (Fourier, G = 3, r = 12 unless a row says
-    otherwise), each in a fresh process: results in out/bench.jsonl, logs beside it."""
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, 'TRITON_INTERPRET': '0'}
-    root = Path(__file__).resolve().parent
-    tests = subprocess.run([sys.executable, '-m', 'pytest', 'tests/test_gpu.py', '-q'], cwd=root,
-                           env=env, capture_output=True, text=True)
-    (out / 'test_gpu.txt').write_text(tests.stdout + tests.stderr)
-    lines = tests.stdout.strip().splitlines()
-    summary = lines[-1] if lines else tests.stderr[-2000:]
-    print(summary, flush=True)
-    with open(out / 'bench.jsonl', 'w') as results, open(out / 'bench.log', 'w') as log:
-        for row in GPU_ROWS:
-            done = subprocess.run([sys.executable, str(root / 'bench.py'), *row.split(),
-                                   '--device', 'cuda'], cwd=root, env=env, capture_output=True,
-                                  text=True)
-            results.write(done.stdout)
-            log.write(f"$ bench.py {row}\n{done.stderr}\n")
-            failed = f"{row}: failed ({done.stderr.strip()[-300:]})\n"
-            print(done.stdout if done.returncode == 0 else failed, end='', flush=True)
+def gpu_suite(out, plan, budget_s, min_row_s=MIN_ROW_S):
+    """Run the rows of `plan` in turn within budget_s seconds, each in a fresh process stopped
+    when the budget runs out; a row with less than min_row_s left is recorded as skipped. After
+    each row out/ holds its status (rows.jsonl), its JSON lines (bench.jsonl, each with its row
+    number), its command and output (logs/) and summary.md rewritten. The rows' records."""
+    logs = out / 'logs'
+    logs.mkdir(parents=True, exist_ok=True)
+    deadline, records = time.monotonic() + budget_s, []
+    for number, row in enumerate(plan, 1):
+        left = deadline - time.monotonic()
+        log = logs / f"{number:02d}-{slug(row.what)}.log"
+        status, results = (run_row(row, log, left) if left >= min_row_s else
+                           (dict(status='skipped', seconds=0.0, exit_code=None,
+                                 last_line=f"{max(left, 0):.0f} s of the budget left"), []))
+        record = dict(row=number, what=row.what, command=row.command, **status)
+        records.append(dict(record, results=results))
+        append_lines(out / 'bench.jsonl', [dict(row=number, **r) for r in results])
+        append_lines(out / 'rows.jsonl', [record])
+        (out / 'summary.md').write_text(summary(records, budget_s))
+        print(f"{number:2d} {status['status']:7s} {status['seconds']:5.0f} s  {row.what}: "
+              f"{status['last_line']}", flush=True)
+    return records
+
+
+def run_row(row, log, timeout_s):
+    """One row in a fresh process (and session, so that its children stop with it), its output
+    into `log` as it comes: its status (ok, failed, or timeout when stopped at timeout_s),
+    seconds, exit code and last line of output (an error's own line, or pytest's summary), and
+    the JSON lines it printed, a stopped row's included."""
+    tic, header = time.monotonic(), f"$ python {row.command}\n"
+    with open(log, 'w') as file:
+        file.write(header)
+        file.flush()
+        process = subprocess.Popen([sys.executable, *shlex.split(row.command)], cwd=ROOT,
+                                   env=ROW_ENV, stdout=file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            code, stopped = process.wait(timeout=timeout_s), False
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            code, stopped = process.wait(), True
+    output = log.read_text()[len(header):].splitlines()
+    if stopped:
+        with open(log, 'a') as file:
+            file.write(f"\nstopped after {timeout_s:.0f} s, when the suite's budget ran out\n")
+    status = 'timeout' if stopped else 'ok' if code == 0 else 'failed'
+    return (dict(status=status, seconds=round(time.monotonic() - tic, 1),
+                 exit_code=None if stopped else code,
+                 last_line=next((line for line in reversed(output) if line.strip()), '')),
+            [r for r in map(json_object, output) if r is not None])
+
+
+def json_object(line):
+    """A line of output as the dict it prints, or None (a log line, a warning, a test)."""
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def append_lines(path, records):
+    """Append one JSON line per record and flush: a reader sees each row once it is done."""
+    with open(path, 'a') as file:
+        file.writelines(json.dumps(r) + '\n' for r in records)
+
+
+def slug(text):
+    return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:60]
+
+
+# summary.md: a cell of a path is "time / peak memory", the columns the README's GPU table's
+SUMMARY_PATHS = ('softmax', 'naive', 'torch', 'triton')
+
+
+def summary(records, budget_s):
+    """The suite so far, in markdown: the benchmark rows as the README's GPU table (a path's
+    median step or call and its peak memory, and each KArAt path over softmax), every row's
+    status, and the configs autotune chose."""
+    results = [r for record in records for r in record['results']]
+    devices = sorted({r['device'] for r in results if 'device' in r}) or ['no result yet']
+    spent = sum(record['seconds'] for record in records)
+    lines = [f"# bench.py --gpu: {', '.join(devices)}", '',
+             f"torch {torch.__version__}; {spent:.0f} s of a {budget_s:.0f} s budget; bf16 "
+             "autocast unless a row says float32; a cell is median time / peak memory.", '',
+             '| row | softmax (SDPA) | naive | `torch` | `triton` | `torch` ÷ softmax '
+             '| `triton` ÷ softmax |', '|---|---|---|---|---|---|---|']
+    for record in records:
+        if record['command'].startswith('bench.py'):
+            by_path = {r['path']: r for r in record['results'] if 'step_ms' in r}
+            cells = [cell(by_path.get(path)) for path in SUMMARY_PATHS]
+            ratios = [ratio(by_path.get(path), by_path.get('softmax')) for path in
+                      ('torch', 'triton')]
+            lines.append(f"| {record['what']} | {' | '.join(cells + ratios)} |")
+    lines += ['', '| # | row | status | seconds | last line |', '|---|---|---|---|---|']
+    lines += [f"| {r['row']} | {r['what']} | {r['status']} | {r['seconds']:.0f} | "
+              f"{r['last_line'].replace('|', '/')} |" for r in records]
+    chosen = [(record, r['configs']) for record in records for r in record['results']
+              if r.get('configs')]
+    lines += ['', 'Configs chosen by autotune (triton path):'] if chosen else []
+    lines += [f"- row {record['row']}, `{kernel}`: {config}"
+              for record, configs in chosen for kernel, config in configs.items()]
+    return '\n'.join(lines) + '\n'
+
+
+def cell(result):
+    if result is None:
+        return '–'
+    memory = '' if result['peak_mem_mb'] is None else f" / {result['peak_mem_mb']:.0f} MB"
+    return f"{result['step_ms']:.3g} ms{memory}"
+
+
+def ratio(result, softmax):
+    if result is None or softmax is None:
+        return '–'
+    time_ratio = f"{result['step_ms'] / softmax['step_ms']:.2f}×"
+    memory = (result['peak_mem_mb'], softmax['peak_mem_mb'])
+    return time_ratio + ('' if None in memory else f" / {memory[0] / memory[1]:.2f}×")
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['--gpu']:
-        return gpu_suite(Path(argv[1] if len(argv) > 1 else os.environ.get('OUT', 'runs/gpu')))
     try:
         args = parse_args(argv)
-        count_ops(args) if args.ops else benchmark(args)
+        if args.gpu is not None:
+            plan = [row for row in GPU_PLAN if row.quick or not args.quick]
+            records = gpu_suite(args.gpu, plan, args.budget)
+            print(f"{args.gpu / 'summary.md'}: {sum(r['status'] == 'ok' for r in records)} of "
+                  f"{len(records)} rows ok")
+        else:
+            count_ops(args) if args.ops else benchmark(args)
     except Fatal as e:
         say(f"bench.py: error: {e}")
         sys.exit(e.code)
