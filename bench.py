@@ -336,11 +336,14 @@ def autotuned():
     from triton.runtime.autotuner import Autotuner
     kernels = sys.modules.get('kernels')
     chosen = {}
-    for name, fn in vars(kernels).items() if kernels else ():
-        while fn is not None and not isinstance(fn, Autotuner):  # under triton.heuristics
-            fn = getattr(fn, 'fn', None)
-        configs = fn and (list(fn.cache.values()) or [getattr(fn, 'best_config', None)])
-        if configs and configs[0] is not None:
+    for name, tuner in vars(kernels).items() if kernels else ():
+        while tuner is not None and not isinstance(tuner, Autotuner):  # under triton.heuristics
+            tuner = getattr(tuner, 'fn', None)
+        if tuner is None:
+            continue
+        # a kernel of one config keeps no cache, only the config it ran
+        configs = list(tuner.cache.values()) or [getattr(tuner, 'best_config', None)]
+        if configs[0] is not None:
             chosen[name] = '; '.join(dict.fromkeys(map(str, configs)))
     return chosen
 
@@ -375,8 +378,8 @@ def count_ops(args):
 # `bench.py --gpu DIR` runs these rows in this order, most important first, each `python` + its
 # words in the repository, on the GPU; `--quick` runs the rows marked quick. Models and calls are
 # Fourier, G = 3, r = 12, blockwise unless a row says otherwise; --compare on a GPU runs softmax
-# (SDPA), the torch path, the triton path and the naive formula side by side. `what` is the row
-# of the README's GPU table it fills.
+# (SDPA), the torch path, the triton path and the naive formula side by side. `what` names the
+# tests a row runs, or the row of the README's GPU table it fills.
 Row = namedtuple('Row', 'quick what command')
 ONE_TEST_PER_FAMILY = 'equals_the_definition and 49-shift-12'  # Swin's bias and mask, r = 12
 VIT_TINY = '--img-size 224 --patch-size 16 --batch-size 32'
@@ -436,7 +439,7 @@ def gpu_suite(out, plan, budget_s, min_row_s=MIN_ROW_S):
         append_lines(out / 'rows.jsonl', [record])
         (out / 'summary.md').write_text(summary(records, budget_s))
         print(f"{number:2d} {status['status']:7s} {status['seconds']:5.0f} s  {row.what}: "
-              f"{status['last_line']}", flush=True)
+              f"{outcome(records[-1])}", flush=True)
     return records
 
 
@@ -452,11 +455,14 @@ def run_row(row, log, timeout_s):
         process = subprocess.Popen([sys.executable, *shlex.split(row.command)], cwd=ROOT,
                                    env=ROW_ENV, stdout=file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        stop = lambda: (os.killpg(process.pid, signal.SIGKILL), process.wait())[1]
         try:
             code, stopped = process.wait(timeout=timeout_s), False
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            code, stopped = process.wait(), True
+            code, stopped = stop(), True
+        except KeyboardInterrupt:  # its own session does not hear Ctrl-C: stop it too
+            stop()
+            raise
     output = log.read_text()[len(header):].splitlines()
     if stopped:
         with open(log, 'a') as file:
@@ -466,6 +472,12 @@ def run_row(row, log, timeout_s):
                  exit_code=None if stopped else code,
                  last_line=next((line for line in reversed(output) if line.strip()), '')),
             [r for r in map(json_object, output) if r is not None])
+
+
+def outcome(record):
+    """What a row said last, or how many results it printed where that was a result."""
+    results, last = record['results'], record['last_line']
+    return f"{len(results)} lines in bench.jsonl" if results and json_object(last) else last
 
 
 def json_object(line):
@@ -512,7 +524,7 @@ def summary(records, budget_s):
             lines.append(f"| {record['what']} | {' | '.join(cells + ratios)} |")
     lines += ['', '| # | row | status | seconds | last line |', '|---|---|---|---|---|']
     lines += [f"| {r['row']} | {r['what']} | {r['status']} | {r['seconds']:.0f} | "
-              f"{r['last_line'].replace('|', '/')} |" for r in records]
+              f"{outcome(r).replace('|', '/')} |" for r in records]
     chosen = [(record, r['configs']) for record in records for r in record['results']
               if r.get('configs')]
     lines += ['', 'Configs chosen by autotune (triton path):'] if chosen else []
@@ -524,8 +536,9 @@ def summary(records, budget_s):
 def cell(result):
     if result is None:
         return '–'
+    ms = result['step_ms']
     memory = '' if result['peak_mem_mb'] is None else f" / {result['peak_mem_mb']:.0f} MB"
-    return f"{result['step_ms']:.3g} ms{memory}"
+    return f"{ms:.3g} ms{memory}" if ms < 1000 else f"{ms:.0f} ms{memory}"
 
 
 def ratio(result, softmax):
@@ -549,6 +562,9 @@ def main(argv=None):
     except Fatal as e:
         say(f"bench.py: error: {e}")
         sys.exit(e.code)
+    except KeyboardInterrupt:  # a --gpu suite stops its row; the rows done stay in DIR
+        say("bench.py: interrupted")
+        sys.exit(130)
 
 
 if __name__ == '__main__':
