@@ -176,6 +176,15 @@ def test_the_budget_stops_a_row_skips_the_rest_and_a_failing_row_leaves_the_othe
     assert '| 4 | comes after the budget | skipped | 0 |' in (out / 'summary.md').read_text()
 
 
+def test_quick_runs_the_quick_rows_of_the_plan_alone(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(bench, 'GPU_PLAN', [PRINTS, AFTER._replace(quick=False)])
+    bench.main(['--gpu', str(tmp_path / 'gpu'), '--quick', '--budget', '60'])
+    rows = (tmp_path / 'gpu' / 'rows.jsonl').read_text().splitlines()
+    assert [json.loads(line)['what'] for line in rows] == [PRINTS.what]
+    assert capsys.readouterr().out.endswith(f"{tmp_path / 'gpu' / 'summary.md'}: 1 of 1 rows ok\n")
+
+
 def record(number, what, status, results, command='bench.py --compare'):
     return dict(row=number, what=what, command=command, status=status, seconds=12.0,
                 exit_code=0, last_line='', results=results)
