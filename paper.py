@@ -365,17 +365,22 @@ def collect(args):
     figure = args.figure or args.out / f'{args.table}.png'
     figure.parent.mkdir(parents=True, exist_ok=True)
     draw(results, figure)
-    lines = ['| model | attention | dataset | paper top-1 | ours top-1 | ours − paper '
-             '| vs softmax: paper | vs softmax: ours | runs |', '|' + ' --- |' * 9]
-    for r in results:
-        key = (r.row.model, r.row.dataset)
-        lines.append('| ' + ' | '.join([
-            r.row.model, r.row.attention, r.row.dataset, number(r.row.paper), ours(r),
-            signed(r.mean, r.row.paper),
-            signed(r.row.paper, papers.get(key)) if r.row.attention != 'softmax' else '',
-            signed(r.mean, softmax.get(key)) if r.row.attention != 'softmax' else '',
-            runs(r)]) + ' |')
+    columns = {'model': lambda r: r.row.model, 'attention': lambda r: r.row.attention,
+               'dataset': lambda r: r.row.dataset, 'paper top-1': lambda r: number(r.row.paper),
+               'ours top-1': ours, 'ours − paper': lambda r: signed(r.mean, r.row.paper),
+               'vs softmax: paper': lambda r: gain(r, r.row.paper, papers),
+               'vs softmax: ours': lambda r: gain(r, r.mean, softmax), 'runs': runs}
+    if not any(r.row.paper is not None for r in results):  # the miniature: no paper columns
+        columns = {k: v for k, v in columns.items() if 'paper' not in k}
+    lines = ['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
+    lines += ['| ' + ' | '.join(cell(r) for cell in columns.values()) + ' |' for r in results]
     return '\n'.join(lines) + f"\n\n![{args.table}]({figure})"
+
+
+def gain(r, value, softmax):
+    """A KArAt row's top-1 over softmax's on the same model and dataset."""
+    return '' if r.row.attention == 'softmax' else signed(value, softmax.get(
+        (r.row.model, r.row.dataset)))
 
 
 def grouped(chosen):
@@ -438,29 +443,32 @@ def runs(r):
 
 
 def draw(results, path):
-    """One horizontal bar per row: the paper's top-1 (grey) and ours (mean, with each seed's
-    point and a bar of ± one standard deviation); a row not run has no bar of ours."""
-    height = 0.8 + 0.32 * len(results)
-    fig = Figure(figsize=(8, height), layout='constrained')
+    """One horizontal bar per row: the paper's top-1 (grey) and ours (its mean written beside it,
+    each seed a point, ± one standard deviation); a row not run has no bar of ours. The axis
+    starts 10 points below the lowest value, so that differences of a point show."""
+    fig = Figure(figsize=(8, 1.4 + 0.32 * len(results)), layout='constrained')
     ax = fig.subplots()
     y = list(range(len(results)))[::-1]
     papers = [r.row.paper if r.row.paper is not None else math.nan for r in results]
     means = [r.mean if r.mean is not None else math.nan for r in results]
     spread = [statistics.stdev(r.best) if len(r.best) > 1 else 0 for r in results]
+    values = [v for r in results for v in (*r.best, r.row.paper) if v is not None] or [0]
+    low = max(0, 10 * math.floor((min(values) - 10) / 10))
     shift = 0.2 if any(not math.isnan(p) for p in papers) else 0  # paper's bar above, ours below
     if shift:
         ax.barh([v + shift for v in y], papers, height=0.4, color='0.75', label='paper')
     ax.barh([v - shift for v in y], means, height=0.4, xerr=spread, color='C0', label='ours',
             capsize=3)
-    for v, r in zip(y, results):
+    for v, r, sd in zip(y, results, spread):
         ax.plot(r.best, [v - shift] * len(r.best), 'k.', ms=4)
-        if r.mean is None:
-            ax.text(1, v, 'not run', va='center', fontsize=7, color='C3')
+        label = 'not run' if r.mean is None else f"{r.mean:.1f}" + (f" ± {sd:.1f}" if sd else '')
+        ax.text((r.mean or low) + sd + 0.5, v - shift, label, va='center', fontsize=7,
+                color='C3' if r.mean is None else 'k')
     ax.set_yticks(y, [f"{r.row.model} {r.row.attention} {r.row.dataset}" for r in results],
                   fontsize=7)
-    ax.set(xlabel='test top-1 (%)', xlim=(0, 100))
+    ax.set(xlabel='test top-1 (%)', xlim=(low, 100), ylim=(-0.7, len(results) - 0.3))
     ax.grid(axis='x', alpha=0.3)
-    ax.legend(fontsize=7, loc='lower right')
+    ax.legend(fontsize=7, loc='lower left')
     fig.savefig(path, dpi=120)
 
 
