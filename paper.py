@@ -239,6 +239,9 @@ def run_table(args):
             verb = f"resuming ({progress(folder)})" if what == 'stopped' else 'starting'
             print(f"{head}: {verb}; its output in {folder / 'train.log'}", flush=True)
             seconds = train(command, folder)
+            if state(folder, args.extra) != 'finished':  # a log behind its checkpoint
+                raise Fatal(f"{name(row)}: train.py ended, but {folder / 'log.jsonl'} holds "
+                            f"{progress(folder)}; its output: {folder / 'train.log'}")
             print(f"{head}: done in {duration(seconds)} ({progress(folder)})", flush=True)
         counts[what] = counts.get(what, 0) + 1
     if not args.dry_run:
@@ -291,14 +294,14 @@ def train_command(row, args, resume=False):
     folder = args.out / row.folder
     if resume:
         return [*launcher, 'train.py', '--resume', str(folder / 'last.pt'), *args.extra]
-    name = dataset(row, args)
-    flags = ['--model', MODELS[row.model], *ATTENTIONS[row.attention], '--dataset', name]
-    if name == 'imagenet':
+    data = dataset(row, args)
+    flags = ['--model', MODELS[row.model], *ATTENTIONS[row.attention], '--dataset', data]
+    if data == 'imagenet':
         flags += ['--data-path', args.imagenet or str(Path(args.data_path) / 'imagenet')]
-    elif name not in OFFLINE:
+    elif data not in OFFLINE:
         flags += ['--data-path', args.data_path] + (['--download'] if args.download else [])
     if args.nproc > 1 and '--batch-size' not in args.extra:
-        flags += ['--batch-size', str(PAPERS_BATCH.get(name, 32) // args.nproc)]
+        flags += ['--batch-size', str(PAPERS_BATCH.get(data, 32) // args.nproc)]
     if row.table == 'transfer':
         flags += ['--finetune', str(args.out / source(row).folder / 'best.pt')]
     if row.table == 'mini':
