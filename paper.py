@@ -395,6 +395,7 @@ def grouped(chosen):
 
 
 def result(group, out):
+    """A row's runs, one per seed, as their folders under `out` hold them."""
     best, seconds, epochs, unfinished, trained_on = [], [], None, [], set()
     for row in group:
         folder = out / row.folder
