@@ -79,8 +79,9 @@ def wide(config):
 def candidates(configs, named_args, **constexprs):
     """The configs autotune tries for a launch, those ptxas compiles without spills: 64-row
     tiles and all maps at once only for 16-bit inputs, and neither where they spilled on sm_90
-    in bf16 (bytes spilled by the best candidate): all maps with e = 64 (full rank, 32), 64
-    rows in the dq pass that sums a shared bias over windows (672)."""
+    (bytes spilled by the best candidate): all maps in float32 (380) and with e = 64 (full
+    rank, bf16, 32), 64 rows in the dq pass that sums a shared bias over windows (bf16, 672).
+    Autotune's keys name what these depend on (the dtypes are in every key)."""
     half = named_args['Q'].element_size() == 2
     all_maps = half and constexprs.get('BE', 16) <= 16
     rows = half and constexprs.get('WINDOWS', 1) == 1
@@ -106,6 +107,7 @@ def autotune(configs, key, **options):
 
 KEY = ['I', 'J', 'D', 'E', 'BASIS', 'G']
 UNIT_KEY = ['I', 'J', 'D', 'R', 'UNIT']
+QUERY_KEY, UNIT_QUERY_KEY = KEY + ['WINDOWS'], UNIT_KEY + ['WINDOWS']
 
 
 @triton.jit
@@ -487,7 +489,7 @@ def expansion_dS(S, c1, s1, keep, dy, values, offs_n, J, stride_xm,
     return tl.where(keep, dS, 0.0)
 
 
-@autotune(QUERY_PASS, KEY, reset_to_zero=['DQ', 'DBIAS'])
+@autotune(QUERY_PASS, QUERY_KEY, reset_to_zero=['DQ', 'DBIAS'])
 @triton.jit
 def expansion_bwd_q_kernel(
         Q, K, BIAS, MASK, X, DY, DQ, DBIAS, B, H, I, J, scale,
@@ -658,7 +660,7 @@ def unit_dS(S, keep, dy, P, h, offs_n, J, R, window, NP: tl.constexpr, BR: tl.co
     return tl.where(keep, dS, 0.0)
 
 
-@autotune(QUERY_PASS, UNIT_KEY, reset_to_zero=['DQ', 'DBIAS'])
+@autotune(QUERY_PASS, UNIT_QUERY_KEY, reset_to_zero=['DQ', 'DBIAS'])
 @triton.jit
 def unit_bwd_q_kernel(
         Q, K, BIAS, MASK, P, DY, DQ, DBIAS, B, H, I, J, R, scale,
@@ -715,6 +717,7 @@ def unit_bwd_q_kernel(
                 tl.atomic_add(dq_ptrs, dot(dS.to(k.dtype), k, PRECISION) * scale, mask=dq_in)
             tl.atomic_add(tile_of(dbias, offs_m, offs_n), summed,
                           mask=(offs_m[:, None] < I) & (offs_n[None, :] < J))
+
 
 # Ops ------------------------------------------------------------------------------------
 
