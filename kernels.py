@@ -76,17 +76,25 @@ def wide(config):
     return max(config.kwargs['BLOCK_M'], config.kwargs['BLOCK_N']) == 64
 
 
-def candidates(configs, named_args, **constexprs):
-    """The configs autotune tries for a launch, those ptxas compiles without spills: 64-row
-    tiles and all maps at once only for 16-bit inputs, and neither where they spilled on sm_90
-    (bytes spilled by the best candidate): all maps in float32 (380) and with e = 64 (full
-    rank, bf16, 32), 64 rows in the dq pass that sums a shared bias over windows (bf16, 672).
+def candidates(configs, named_args, arch=None, **constexprs):
+    """The configs autotune tries for a launch (on GPU `arch`, by default Q's), those ptxas
+    compiles without spills: 64-row tiles only on Hopper (wgmma; on sm_80 the 64-key pass
+    spilled 1,068 bytes) and for 16-bit inputs, all maps at once only for 16-bit inputs, and
+    neither where they spilled (bytes, the best candidate): all maps in float32 (380, sm_90)
+    and with e = 64 (full rank, bf16, 32); in the dq pass that sums a shared bias over
+    windows, 8 warps of 32 x 32 alone (64 rows: 672 on sm_90; 4 warps: 8 on sm_80).
     Autotune's keys name what these depend on (the dtypes are in every key)."""
-    half = named_args['Q'].element_size() == 2
+    q = named_args['Q']
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(q.device) if q.is_cuda else (9, 0)
+        arch = 10 * major + minor
+    half = q.element_size() == 2
     all_maps = half and constexprs.get('BE', 16) <= 16
-    rows = half and constexprs.get('WINDOWS', 1) == 1
+    windows = constexprs.get('WINDOWS', 1) > 1
+    rows = half and arch >= 90 and not windows
     return [c for c in configs if (rows or not wide(c))
-            and (all_maps or c.kwargs.get('MAPS_PER_PASS', 1) != 0)] or configs
+            and (all_maps or c.kwargs.get('MAPS_PER_PASS', 1) != 0)
+            and not (windows and c.num_warps < 8)] or configs
 
 
 def interpreted(configs):

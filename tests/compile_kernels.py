@@ -129,16 +129,17 @@ def compile_one(job):
                 atom=len(re.findall(r'^\s*(?:@%p\d+ )?(?:atom|red)\.', ptx, re.M)))
 
 
-def configs_of(kernel, args, constexprs):
-    """The configs autotune would try for this launch: kernels.candidates of the list."""
-    return kernels.candidates(kernel.configs, dict(zip(kernel.fn.arg_names, args)), **constexprs)
+def configs_of(kernel, args, constexprs, arch):
+    """The configs autotune would try for this launch on sm_`arch`: kernels.candidates."""
+    return kernels.candidates(kernel.configs, dict(zip(kernel.fn.arg_names, args)), arch,
+                              **constexprs)
 
 
 def jobs(archs, quick=False):
     for spec, launches in specializations(quick).items():
         for kernel, args, kw in launches:
-            for config in configs_of(kernel, args, kw):
-                for arch in archs:
+            for arch in archs:
+                for config in configs_of(kernel, args, kw, arch):
                     yield spec, (kernel.fn.__name__, args, kw, config, arch)
 
 
