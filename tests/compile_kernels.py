@@ -7,6 +7,10 @@ recorder, so the signature, constexprs and block configs are exactly what a GPU 
 
     python tests/compile_kernels.py [--arch 90 80] [--quick]   # a table, one row a kernel
 
+Columns: registers, spilled bytes and shared memory (bytes) from ptxas and Triton, then counts
+of PTX instructions: wgmma.mma_async, mma.sync, sin/cos.approx, calls of libdevice's
+__nv_sinf/__nv_cosf, and atomic adds (atom/red).
+
 Must run without TRITON_INTERPRET (the interpreter replaces the kernels it compiles).
 """
 import argparse
@@ -24,6 +28,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import karat  # noqa: E402
 import kernels  # noqa: E402
 
 PTXAS = Path(kernels.triton.backends.nvidia.__file__).parent / 'bin' / 'ptxas'
@@ -56,24 +61,25 @@ def specializations(quick=False):
     def expansion(basis, dtype=torch.bfloat16, e=r, bias=None, mask=None, base='zero', k=None):
         q = t(B, H, N, d if basis != 'linear' else r, dtype=dtype)
         k = q[:1] if k is None else k
-        maps = kernels._maps(kernels.EXPANSIONS[basis], 3, kernels.ACTIVATIONS[base], -4.0, 4.0)
-        X = t(1 if e == r else B, H, maps['NMAPS'], N, e, dtype=dtype)
+        maps = (1 if basis == 'linear' else karat.BASES[basis].size(3)) + (base != 'zero')
+        X = t(1 if e == r else B, H, maps, N, e, dtype=dtype)
         args = (q, k, bias, mask, X, 0.125, kernels.EXPANSIONS[basis], 3, kernels.ACTIVATIONS[base],
                 -4.0, 4.0)
         return record(lambda: (kernels.expansion(*args), kernels.expansion_backward(
             t(B, H, N, e, dtype=dtype), *args, bias is not None)))
 
-    def units(unit):
+    def units(unit, bias=None, mask=key_mask):
         q, P = t(B, H, N, d), t(H, 10 if unit == 'rational' else 3, r, N, dtype=torch.float32)
-        args = (q, q[:1], None, key_mask, P, kernels.UNITS[unit], 0.125)
-        return record(lambda: (kernels.units(*args),
-                               kernels.units_backward(t(B, H, N, r), *args, False)))
+        args = (q, q[:1], bias, mask, P, kernels.UNITS[unit], 0.125)
+        return record(lambda: (kernels.units(*args), kernels.units_backward(
+            t(B, H, N, r), *args, bias is not None)))
     specs = {'fourier bf16': expansion('fourier'),
-             'fourier bf16 bias+mask': expansion('fourier', bias=bias, mask=query_mask)}
+             'fourier bf16 bias+mask': expansion('fourier', bias=bias, mask=query_mask),
+             'fourier fp32': expansion('fourier', dtype=torch.float32),
+             'rational bf16 bias+mask': units('rational', bias=bias, mask=query_mask)}
     if quick:
         return specs
     specs.update({
-        'fourier fp32': expansion('fourier', dtype=torch.float32),
         'fourier bf16 full rank, key mask': expansion('fourier', e=d, mask=key_mask),
         'bspline bf16': expansion('bspline'),
         'chebyshev bf16 silu': expansion('chebyshev', base='silu'),
@@ -94,7 +100,9 @@ def signature(kernel, args, constexprs):
 
 
 def compile_one(job):
-    """Registers, spilled bytes and shared memory of one kernel, config and arch."""
+    """What ptxas and the PTX say of one kernel, config and arch: registers, spilled bytes,
+    shared memory, and counts of instructions: wgmma (Hopper's warpgroup MMA), mma.sync,
+    sin.approx + cos.approx, calls of libdevice's __nv_sinf/__nv_cosf, atom (atomic adds)."""
     name, args, kw, config, arch = job
     kernel = getattr(kernels, name)
     constexprs = {**kw, **config.kwargs}
@@ -104,44 +112,66 @@ def compile_one(job):
     if config.maxnreg:
         options['maxnreg'] = config.maxnreg
     compiled = triton.compile(src, target=GPUTarget('cuda', arch, 32), options=options)
+    ptx = compiled.asm['ptx']
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / 'kernel.ptx'
-        ptx.write_text(compiled.asm['ptx'])
+        path = Path(tmp) / 'kernel.ptx'
+        path.write_text(ptx)
         gpu = f'sm_{arch}a' if arch >= 90 else f'sm_{arch}'
-        out = subprocess.run([str(PTXAS), '-v', f'--gpu-name={gpu}', str(ptx), '-o', os.devnull],
+        out = subprocess.run([str(PTXAS), '-v', f'--gpu-name={gpu}', str(path), '-o', os.devnull],
                              capture_output=True, text=True, check=True).stderr
-    registers = int(re.search(r'Used (\d+) registers', out).group(1))
-    spills = sum(int(n) for n in re.findall(r'(\d+) bytes spill', out))
-    return registers, spills, compiled.metadata.shared
+    return dict(registers=int(re.search(r'Used (\d+) registers', out).group(1)),
+                spilled=sum(int(n) for n in re.findall(r'(\d+) bytes spill', out)),
+                shared=compiled.metadata.shared,
+                wgmma=len(re.findall(r'^\s*wgmma\.mma_async', ptx, re.M)),
+                mma=len(re.findall(r'^\s*mma\.sync', ptx, re.M)),
+                approx=len(re.findall(r'^\s*(?:sin|cos)\.approx', ptx, re.M)),
+                libdevice=len(re.findall(r'call.*__nv_(?:sin|cos)f', ptx)),
+                atom=len(re.findall(r'^\s*(?:@%p\d+ )?(?:atom|red)\.', ptx, re.M)))
+
+
+def configs_of(kernel, args, constexprs, arch):
+    """The configs autotune would try for this launch on sm_`arch`: kernels.candidates."""
+    return kernels.candidates(kernel.configs, dict(zip(kernel.fn.arg_names, args)), arch,
+                              **constexprs)
 
 
 def jobs(archs, quick=False):
     for spec, launches in specializations(quick).items():
         for kernel, args, kw in launches:
-            for config in kernel.configs:
-                for arch in archs:
+            for arch in archs:
+                for config in configs_of(kernel, args, kw, arch):
                     yield spec, (kernel.fn.__name__, args, kw, config, arch)
 
 
 def report(archs=(90, 80), quick=False, workers=2):
-    """One row a compiled kernel: spec, kernel, config, arch, registers, spills, shared bytes."""
+    """One row a compiled kernel: spec, kernel, config, arch and compile_one's figures."""
     todo = list(jobs(archs, quick))
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(compile_one, [job for _, job in todo])
-        return [(spec, job[0], job[3], job[4], *result)
+        return [dict(spec=spec, kernel=job[0], config=describe(job[3]), sm=job[4], **result)
                 for (spec, job), result in zip(todo, results)]
+
+
+def describe(config):
+    """BLOCK_M x BLOCK_N, warps, stages (and maps per pass, where the kernel has the choice)."""
+    c = config.kwargs
+    maps = f", maps/pass {c['MAPS_PER_PASS'] or 'all'}" if 'MAPS_PER_PASS' in c else ''
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']}, w{config.num_warps}, s{config.num_stages}{maps}"
+
+
+COLUMNS = ('spec', 'kernel', 'config', 'sm', 'registers', 'spilled', 'shared', 'wgmma', 'mma',
+           'approx', 'libdevice', 'atom')
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--arch', type=int, nargs='+', default=[90, 80])
-    parser.add_argument('--quick', action='store_true', help='Fourier only')
+    parser.add_argument('--quick', action='store_true',
+                        help='Fourier (bf16, fp32, Swin) and rational with Swin only')
     args = parser.parse_args()
-    print('spec | kernel | BLOCK_M x BLOCK_N, warps | sm | registers | spilled bytes | shared KB')
-    for spec, name, config, arch, registers, spills, shared in report(args.arch, args.quick):
-        c = config.kwargs
-        print(f"{spec} | {name} | {c['BLOCK_M']}x{c['BLOCK_N']}, {config.num_warps} | {arch} | "
-              f"{registers} | {spills} | {shared / 1024:.0f}", flush=True)
+    print(' | '.join(COLUMNS))
+    for row in report(args.arch, args.quick):
+        print(' | '.join(str(row[c]) for c in COLUMNS), flush=True)
 
 
 if __name__ == '__main__':

@@ -206,18 +206,77 @@ def test_the_fused_ops_pass_torch_librarys_checks():
                           test_utils=('test_schema', 'test_autograd_registration'))
 
 
-def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
-    """Triton's compiler and ptxas, no GPU: every kernel specialization the models use, each
-    autotune config, for Ampere and Hopper. The interpreter alone cannot catch what only the GPU
-    compiler refuses (tile shapes, dtypes of tl.dot, registers)."""
-    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    run = subprocess.run([sys.executable, str(ROOT / 'tests' / 'compile_kernels.py')], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    rows = [line.split(' | ') for line in run.stdout.splitlines()[1:]]
-    spilled = [row for row in rows if int(row[5]) > 0]
-    assert not spilled, spilled
-    compiled = {(row[1], row[3]) for row in rows}
+def tuners():
     import kernels
-    names = [name for name in dir(kernels) if name.endswith('_kernel')]
-    assert compiled == {(name, sm) for name in names for sm in ('90', '80')}
+    return {name: getattr(kernels, name) for name in dir(kernels) if name.endswith('_kernel')}
+
+
+def interpreted_forms(tuner):
+    """The candidates that differ where the interpreter runs them: block sizes and maps per
+    pass (warps and stages change nothing there)."""
+    forms = {}
+    for config in tuner.candidates:
+        forms.setdefault(tuple(sorted(config.kwargs.items())), config)
+    return list(forms.values())
+
+
+@pytest.mark.parametrize('form', range(4))  # the longest list has four
+@pytest.mark.parametrize('attn', ['fourier', 'rational'])
+def test_every_autotune_candidate_equals_the_definition(monkeypatch, attn, form):
+    """Autotune picks one config on the GPU, so each candidate of every kernel is forced in
+    turn (the form-th of each list): Swin's bias and shift mask over 17 windows, so that a
+    program sums the bias gradient of 16 and another the one left, N = 33 in ragged blocks."""
+    for tuner in tuners().values():
+        forms = interpreted_forms(tuner)
+        monkeypatch.setattr(tuner, 'configs', [forms[form % len(forms)]])
+    torch.manual_seed(0)
+    op, data = karat.Operator(attn, 1, 33, rank=3), inputs(33, 'shift', b=17, h=1)
+    ours, naive = [outputs_and_grads(karat.KArAt(op, compute), *data)
+                   for compute in (fast.Computation(kernel='triton'), NAIVE)]
+    for a, b in zip(ours, naive):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def compiled_rows(*options):
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    run = subprocess.run([sys.executable, str(ROOT / 'tests' / 'compile_kernels.py'), *options],
+                         env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    header, *lines = run.stdout.splitlines()
+    names = header.split(' | ')
+    return [dict(zip(names, line.split(' | '))) for line in lines]
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
+    """Triton's compiler and ptxas, no GPU: `compile_kernels.py --quick` (Fourier in bf16, with
+    Swin's bias and in float32, rational with Swin's bias: every kernel and path), each autotune
+    candidate, for Ampere and Hopper; the full table, every family, is run by hand. The
+    interpreter alone cannot catch what only the GPU compiler refuses (tile shapes, dtypes of
+    tl.dot, registers). On sm_90 the Fourier bf16
+    kernels each have a candidate on Hopper's wgmma, none calls libdevice's sinf/cosf (the
+    hardware's sin.approx/cos.approx instead), and the key pass of backward, with all maps at
+    once, holds at most twice the forward's trig instructions per logit (it built S once per
+    map before: 3x)."""
+    rows = compiled_rows('--quick')
+    spilled = [row for row in rows if int(row['spilled']) > 0]
+    assert not spilled, spilled
+    assert {(row['kernel'], row['sm']) for row in rows} == {
+        (name, sm) for name in tuners() for sm in ('90', '80')}
+    hopper = [row for row in rows if row['sm'] == '90']
+    fourier = [row for row in hopper if row['spec'].startswith('fourier bf16')]
+    assert {row['kernel'] for row in fourier if int(row['wgmma']) > 0} == {
+        'expansion_fwd_kernel', 'expansion_bwd_kx_kernel', 'expansion_bwd_q_kernel'}
+    assert not [row for row in hopper if int(row['libdevice']) > 0
+                and not row['spec'].startswith('shannon')]
+    per_logit = {kernel: [trig_per_logit(row) for row in fourier if row['kernel'] == kernel
+                          and 'maps/pass 1' not in row['config']]
+                 for kernel in ('expansion_fwd_kernel', 'expansion_bwd_kx_kernel')}
+    assert 0 < max(per_logit['expansion_bwd_kx_kernel']) <= 2 * min(
+        per_logit['expansion_fwd_kernel'])
+
+
+def trig_per_logit(row):
+    """sin/cos.approx instructions in the PTX per logit a thread holds ('32x64, w8, ...')."""
+    block_m, block_n = map(int, row['config'].split(',')[0].split('x'))
+    warps = int(row['config'].split(', w')[1].split(',')[0])
+    return int(row['approx']) / (block_m * block_n / (32 * warps))
