@@ -185,8 +185,8 @@ def logit_tile(q, keys, bias, mask, offs_m, offs_n, I, J, scale, D: tl.constexpr
 # On the GPU, sin and cos are the special-function unit's sin.approx.f32 / cos.approx.f32 (one
 # instruction each, as FlashAttention takes exp through ex2.approx), not libdevice's __nv_sinf
 # (a software range reduction and polynomial, with a slow path for large arguments). The PTX
-# ISA bounds their absolute error by 2^-20.5 (~7e-7) for arguments in [-2π, 2π] and by 2^-14.7
-# (~4e-5) in [-100π, 100π], and states no bound beyond; so the argument is first reduced to
+# ISA bounds their absolute error near 2^-20.5 (~7e-7) only over a bounded range of arguments
+# (see docs/performance.md), so the argument is first reduced to
 # r in [-π, π], r = x - 2π·n with n = round(x/2π) and 2π split in two float32 constants
 # (Cody-Waite): 6.28125 has 8 significant bits, so n·6.28125 and its difference from x are
 # exact for |n| < 2^16, and r's own error is below 1.2e-7 + 2.3e-10·|n|, under 4e-7 for
