@@ -116,6 +116,8 @@ def train(args):
     check_model_flags(args, ckpt, DATASETS[args.dataset].classes)
     out = output_dir(args)
     if ckpt and not args.eval_only and ckpt.get('epoch', 0) >= args.epochs:
+        if rank == 0 and continues(out, args):  # a kill after the last checkpoint, before its log
+            write_log(out, ckpt['history'])
         if rank == 0:
             print(f"{args.resume} has finished its {ckpt['epoch']} epochs: nothing left to run; "
                   f"--resume {args.resume} --epochs N, N > {ckpt['epoch']}, extends it",
@@ -174,7 +176,7 @@ def train(args):
             json.dumps(dict(vars(args), world_size=world), indent=2) + '\n')
         # the log is rewritten from the checkpoint, so a kill between checkpoint and log
         # loses nothing
-        (out / 'log.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in history))
+        write_log(out, history)
         n_params = sum(p.numel() for p in raw.parameters())
         print(f"{describe(raw.config)}: {n_params:,} parameters; "
               f"{args.dataset}: {len(task.train_set)} train / {len(task.test_set)} test images, "
@@ -575,6 +577,14 @@ def make_output(out, args):
             (out / name).unlink(missing_ok=True)
     except OSError as e:
         raise Fatal(f"cannot write to --output-dir {out}: {e.strerror}") from None
+
+
+def write_log(out, history):
+    """log.jsonl, one line an epoch, as the checkpoint's history has it (untouched if it does)."""
+    text = ''.join(json.dumps(row) + '\n' for row in history)
+    log = out / 'log.jsonl'
+    if not log.exists() or log.read_text() != text:
+        log.write_text(text)
 
 
 def continues(out, args):

@@ -101,6 +101,11 @@ def test_resuming_a_finished_run_says_so_and_how_to_extend_it(tmp_path):
     assert done.stdout == (f"{tmp_path / 'last.pt'} has finished its 1 epochs: nothing left to "
                            f"run; --resume {tmp_path / 'last.pt'} --epochs N, N > 1, extends it\n")
     assert fingerprint(tmp_path) == before
+    # killed after its last checkpoint, before the log's line: the log is made whole again
+    (tmp_path / 'log.jsonl').write_text('')
+    again = python('train.py', '--resume', str(tmp_path / 'last.pt'), '--device', 'cpu')
+    assert again.returncode == 0 and again.stdout == done.stdout
+    assert [row['epoch'] for row in log(tmp_path)] == [1]
     extended = python('train.py', '--resume', str(tmp_path / 'last.pt'), '--epochs', '2',
                       '--device', 'cpu')
     assert extended.returncode == 0 and [row['epoch'] for row in log(tmp_path)] == [1, 2]
