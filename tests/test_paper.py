@@ -14,6 +14,7 @@ import pytest
 
 import paper
 import train
+from test_train import DIE_AFTER_SAVE
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
@@ -85,18 +86,6 @@ def test_table_reports_each_runs_best_epoch_and_marks_the_rows_not_run(rehearsal
     assert (out / 'table1.png').stat().st_size > 0
 
 
-KILLED_AFTER_EPOCH_1 = """
-import os, signal, sys, train, weights
-save = weights.save_atomic
-def save_then_die(state, path):
-    save(state, path)
-    if path.name == 'last.pt' and state['epoch'] == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-weights.save_atomic = save_then_die
-train.main(sys.argv[1:])
-"""
-
-
 def test_a_run_killed_after_its_first_epoch_is_resumed(tmp_path):
     chosen = ['run', 'table1', '--out', str(tmp_path), *REHEARSAL, '--only', 'softmax']
     two_epochs = ['--', '--limit', '64', '--epochs', '2', '--depth', '2', '--device', 'cpu']
@@ -104,7 +93,7 @@ def test_a_run_killed_after_its_first_epoch_is_resumed(tmp_path):
     assert dry.returncode == 0 and not any(tmp_path.iterdir()), dry.stderr
     command = shlex.split(dry.stdout.splitlines()[-1])  # python train.py FLAGS: the run's
     assert command[:2] == ['python', 'train.py']
-    killed = subprocess.run([sys.executable, '-c', KILLED_AFTER_EPOCH_1, *command[2:]],
+    killed = subprocess.run([sys.executable, '-c', DIE_AFTER_SAVE, *command[2:]],
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -9
     folder = tmp_path / 'table1' / FOLDERS[0]
