@@ -98,9 +98,12 @@ def candidates(configs, named_args, arch=None, **constexprs):
 
 
 def interpreted(configs):
-    """The interpreter (CPU tests) runs one config, the first (autotune would time them all);
-    tests/test_kernels.py forces each in turn."""
-    return configs[:1] if INTERPRET else configs
+    """The interpreter (CPU tests) runs one config (autotune would time them all): the one of
+    largest tiles, so fewest programs, which it runs fastest. tests/test_kernels.py forces each
+    in turn."""
+    if not INTERPRET:
+        return configs
+    return [max(configs, key=lambda c: c.kwargs['BLOCK_M'] * c.kwargs['BLOCK_N'])]
 
 
 def autotune(configs, key, **options):
@@ -184,9 +187,9 @@ def logit_tile(q, keys, bias, mask, offs_m, offs_n, I, J, scale, D: tl.constexpr
 # Trigonometry -----------------------------------------------------------------------------
 # On the GPU, sin and cos are the special-function unit's sin.approx.f32 / cos.approx.f32 (one
 # instruction each, as FlashAttention takes exp through ex2.approx), not libdevice's __nv_sinf
-# (a software range reduction and polynomial, with a slow path for large arguments). The PTX
-# ISA bounds their absolute error near 2^-20.5 (~7e-7) only over a bounded range of arguments
-# (see docs/performance.md), so the argument is first reduced to
+# (a software range reduction and polynomial, with a slow path for large arguments). The CUDA
+# C++ Programming Guide bounds their absolute error (as __sinf and __cosf) at 2^-21.41 and
+# 2^-21.19 (~4e-7) for x in [-π, π], "larger otherwise", so the argument is first reduced to
 # r in [-π, π], r = x - 2π·n with n = round(x/2π) and 2π split in two float32 constants
 # (Cody-Waite): 6.28125 has 8 significant bits, so n·6.28125 and its difference from x are
 # exact for |n| < 2^16, and r's own error is below 1.2e-7 + 2.3e-10·|n|, under 4e-7 for

@@ -258,7 +258,7 @@ def test_the_bias_gets_a_gradient_and_the_forward_alone_runs_no_backward(path, m
 
 
 def test_the_triton_path_names_the_config_autotune_chose_for_each_kernel():
-    """Triton's interpreter runs one config a kernel, the first of its list; on a GPU each
+    """Triton's interpreter runs one config a kernel, that of its largest tiles; on a GPU each
     kernel's own choice."""
     done = python('bench.py', '--paths', 'torch,triton', '--call', '1,1,17,4', '--bench-steps',
                   '1', '--device', 'cpu')
