@@ -8,8 +8,8 @@ recorder, so the signature, constexprs and block configs are exactly what a GPU 
     python tests/compile_kernels.py [--arch 90 80] [--quick]   # a table, one row a kernel
 
 Columns: registers, spilled bytes and shared memory (bytes) from ptxas and Triton, then counts
-of PTX instructions: wgmma.mma_async, mma.sync, sin/cos.approx, calls of libdevice's
-__nv_sinf/__nv_cosf, and atomic adds (atom/red).
+of PTX instructions: wgmma.mma_async, mma.sync, sin/cos.approx, libdevice's __nv_sinf/__nv_cosf
+(inlined or called), and atomic adds (atom/red).
 
 Must run without TRITON_INTERPRET (the interpreter replaces the kernels it compiles).
 """
@@ -68,17 +68,17 @@ def specializations(quick=False):
         return record(lambda: (kernels.expansion(*args), kernels.expansion_backward(
             t(B, H, N, e, dtype=dtype), *args, bias is not None)))
 
-    def units(unit, bias=None, mask=key_mask):
+    def units(unit, bias=None, mask=key_mask, backward=True):
         q, P = t(B, H, N, d), t(H, 10 if unit == 'rational' else 3, r, N, dtype=torch.float32)
         args = (q, q[:1], bias, mask, P, kernels.UNITS[unit], 0.125)
-        return record(lambda: (kernels.units(*args), kernels.units_backward(
+        return record(lambda: (kernels.units(*args), backward and kernels.units_backward(
             t(B, H, N, r), *args, bias is not None)))
     specs = {'fourier bf16': expansion('fourier'),
              'fourier bf16 bias+mask': expansion('fourier', bias=bias, mask=query_mask),
              'fourier fp32': expansion('fourier', dtype=torch.float32),
              'rational bf16 bias+mask': units('rational', bias=bias, mask=query_mask)}
-    if quick:
-        return specs
+    if quick:  # and Shannon's forward, whose sin(x)/x keeps libdevice's sin: the count sees it
+        return {**specs, 'shannon bf16 forward': units('shannon', backward=False)}
     specs.update({
         'fourier bf16 full rank, key mask': expansion('fourier', e=d, mask=key_mask),
         'bspline bf16': expansion('bspline'),
@@ -102,7 +102,8 @@ def signature(kernel, args, constexprs):
 def compile_one(job):
     """What ptxas and the PTX say of one kernel, config and arch: registers, spilled bytes,
     shared memory, and counts of instructions: wgmma (Hopper's warpgroup MMA), mma.sync,
-    sin.approx + cos.approx, calls of libdevice's __nv_sinf/__nv_cosf, atom (atomic adds)."""
+    sin.approx + cos.approx, libdevice's __nv_sinf/__nv_cosf (Triton inlines them: each
+    leaves a `__nv_sinf.exit` label, or a call where not inlined), atom (atomic adds)."""
     name, args, kw, config, arch = job
     kernel = getattr(kernels, name)
     constexprs = {**kw, **config.kwargs}
@@ -125,7 +126,7 @@ def compile_one(job):
                 wgmma=len(re.findall(r'^\s*wgmma\.mma_async', ptx, re.M)),
                 mma=len(re.findall(r'^\s*mma\.sync', ptx, re.M)),
                 approx=len(re.findall(r'^\s*(?:sin|cos)\.approx', ptx, re.M)),
-                libdevice=len(re.findall(r'call.*__nv_(?:sin|cos)f', ptx)),
+                libdevice=len(re.findall(r'__nv_(?:sin|cos)f\b', ptx)),
                 atom=len(re.findall(r'^\s*(?:@%p\d+ )?(?:atom|red)\.', ptx, re.M)))
 
 
