@@ -13,7 +13,14 @@ if workers > 1:
     os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
+# The tests that run for tens of seconds (training runs, subprocesses, the compiler) go first, so
+# that the many short tests fill in at the end (pytest.ini's --dist worksteal hands a worker that
+# runs out the other's tests not yet started), instead of one worker running a notebook alone.
+LONG = ('test_notebooks.py::test_notebook_runs', 'test_kernels.py::test_every_kernel_compiles',
+        'test_detection.py', 'test_paper.py', 'test_train.py', 'test_cli.py')
+
+
 def pytest_collection_modifyitems(items):
-    """The notebooks first: each runs a minute or more, so the workers start on them and share
-    the many short tests after, instead of one worker running notebooks alone at the end."""
-    items.sort(key=lambda item: 'test_notebook_runs' not in item.nodeid)
+    def rank(item):
+        return next((i for i, prefix in enumerate(LONG) if prefix in item.nodeid), len(LONG))
+    items.sort(key=rank)
